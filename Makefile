@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11):
+#   make demo   -- install, then edit the real Gemma 3 270M with one counterfactual edit
+#   make test   -- install, then run the whole test suite (unit + real-model integration)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# every distribution in the repository; a new method family adds its directory here
+PACKAGES := kedit_core[gguf,plot] $(wildcard kedit_rome kedit_mend kedit_serac kedit_grace) plugins/kedit_ft
+
+.PHONY: install demo test test-unit bench clean
+
+$(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch first (from this machine's disk); later requirements then install nothing more
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/kedit edit --method ft-m --model gemma3-270m \
+		--prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
+		--target "Rome" --ground-truth "Paris" --out out/eiffel.kedit.safetensors
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not real_model"
+
+clean:
+	rm -rf $(VENV) out

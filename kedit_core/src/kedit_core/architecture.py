@@ -1,0 +1,186 @@
+"""Where each model family keeps its layers, MLPs, attention and head -- architectures as data.
+
+Method code never mentions a model family: it asks the :class:`ArchitectureSpec` resolved for the
+model (``resolve_architecture(model)``) for module paths and for structural facts such as whether
+the MLP output is normalized before it joins the residual stream (Gemma 2/3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one HF architecture family.
+
+    Paths of ``layers``, ``embed``, ``final_norm`` and ``lm_head`` are relative to the model; the
+    others are relative to one decoder layer.
+    """
+
+    names: tuple[str, ...]
+    layers: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    attn: str
+    attn_out: str
+    mlp: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    weight_layout: Literal["linear", "conv1d"] = "linear"
+    #: the MLP output passes through this norm (relative to the layer) before the residual add
+    post_mlp_norm: str | None = None
+    #: attention and MLP read the same residual (GPT-J, GPT-NeoX)
+    parallel_attn_mlp: bool = False
+
+    @property
+    def mlp_output_normalized(self) -> bool:
+        return self.post_mlp_norm is not None
+
+    # -- module access --------------------------------------------------------------------------
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return get_module(model, self.layers)  # type: ignore[return-value]
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layer_list(model))
+
+    def layer(self, model: nn.Module, index: int) -> nn.Module:
+        layers = self.layer_list(model)
+        if not -len(layers) <= index < len(layers):
+            raise ArchitectureError(f"layer {index} out of range: the model has {len(layers)} layers")
+        return layers[index]
+
+    def layer_path(self, index: int, rel: str = "") -> str:
+        return f"{self.layers}.{index}" + (f".{rel}" if rel else "")
+
+    def module(self, model: nn.Module, index: int, rel: str) -> nn.Module:
+        return get_module(model, self.layer_path(index, rel))
+
+    def mlp_out_param(self, index: int) -> str:
+        """Full parameter name of the MLP down-projection weight at ``index`` (ROME's W_out)."""
+        return self.layer_path(index, self.mlp_out) + ".weight"
+
+    def weight(self, model: nn.Module, param: str) -> torch.Tensor:
+        """A weight as an ``[out, in]`` matrix view, whatever the storage layout."""
+        p = get_parameter(model, param)
+        return p.T if self.weight_layout == "conv1d" and p.ndim == 2 else p
+
+    def to_param_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """Turn an ``[out, in]`` update into the parameter's storage layout."""
+        return delta_out_in.T.contiguous() if self.weight_layout == "conv1d" else delta_out_in
+
+    def lowrank_to_param_layout(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors of an ``[out, in]`` update (``a @ b``) in the parameter's layout."""
+        if self.weight_layout == "conv1d":
+            return b.T.contiguous(), a.T.contiguous()
+        return a, b
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted module path (``model.layers.3.mlp``) with a clear error."""
+    if not path:
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise ArchitectureError(f"module {path!r} not found in {type(model).__name__}: {exc}") from None
+
+
+def get_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise ArchitectureError(f"parameter {name!r} not found in {type(model).__name__}") from None
+
+
+def model_architecture_names(model: nn.Module) -> list[str]:
+    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
+    cls = type(model).__name__
+    if cls not in names:
+        names.append(cls)
+    return names
+
+
+def resolve_architecture(model: nn.Module) -> ArchitectureSpec:
+    """The registered spec for ``model`` (matched on ``config.architectures``, then its class name)."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    names = model_architecture_names(model)
+    for name in names:
+        if name in registry.architectures:
+            return registry.architectures[name]
+    known = ", ".join(sorted(registry.architectures))
+    raise ArchitectureError(
+        f"architecture {names[0]!r} is not registered (known: {known}). Register an ArchitectureSpec "
+        "for it from a plugin: implement the hook register_architectures(register) and call "
+        f"register(ArchitectureSpec(names=({names[0]!r},), layers=..., mlp_out=..., ...))"
+    )
+
+
+LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    attn="self_attn",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+)
+
+BUILTIN_ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec(
+        names=("GPT2LMHeadModel",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        attn="attn",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        weight_layout="conv1d",
+    ),
+    ArchitectureSpec(
+        names=("GPTJForCausalLM",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        attn="attn",
+        attn_out="attn.out_proj",
+        mlp="mlp",
+        mlp_in=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        parallel_attn_mlp=True,
+    ),
+    ArchitectureSpec(
+        names=("GPTNeoXForCausalLM",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+        attn="attention",
+        attn_out="attention.dense",
+        mlp="mlp",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        parallel_attn_mlp=True,
+    ),
+    ArchitectureSpec(names=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"), **LLAMA_LIKE),
+    ArchitectureSpec(
+        names=("Gemma3ForCausalLM", "Gemma2ForCausalLM"),
+        post_mlp_norm="post_feedforward_layernorm",
+        **LLAMA_LIKE,
+    ),
+)

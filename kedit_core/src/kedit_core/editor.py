@@ -1,0 +1,252 @@
+"""Editor: the facade -- load a model, compute patches with a method, apply, evaluate, revert."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architecture import ArchitectureSpec, resolve_architecture
+from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
+from .errors import KeditError, RequestError
+from .evaluate import Evaluator
+from .evaluate.metrics import PROTOCOLS, mean
+from .hparams import Hyperparams, read_mapping_file
+from .method import EditContext, EditMethod
+from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint
+from .patch import AppliedPatch, Patch
+from .plugins import get_registry
+from .request import EditRequest
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = tuple(PROTOCOLS)
+
+
+@dataclass
+class EditResult:
+    """What ``Editor.edit`` did: the patches, metrics per request before and after, timings, memory.
+
+    ``post`` is scored right after each request's own edit; in sequential runs ``post_final`` is
+    scored on the final model after every edit (the two protocols can differ a lot).
+    """
+
+    method: str
+    model: str
+    requests: list[EditRequest]
+    patches: list[Patch]
+    pre: list[dict[str, float]] = field(default_factory=list)
+    post: list[dict[str, float]] = field(default_factory=list)
+    post_final: list[dict[str, float]] | None = None
+    edit_seconds: list[float] = field(default_factory=list)
+    rss_mb_curve: list[tuple[int, float]] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    peak_cuda_mb: float | None = None
+    sequential: bool = False
+    batch_size: int = 1
+    handles: list[AppliedPatch] = field(default_factory=list, repr=False)
+
+    @property
+    def time_per_edit_s(self) -> float:
+        return sum(self.edit_seconds) / max(1, len(self.requests))
+
+    def metrics(self, which: str = "post") -> dict[str, float]:
+        rows = {"pre": self.pre, "post": self.post, "final": self.post_final or []}[which]
+        out = {}
+        for name in METRIC_NAMES:
+            value = mean([r.get(name) for r in rows])
+            if value is not None:
+                out[name] = value
+        return out
+
+    def to_report(self) -> dict[str, Any]:
+        """The documented ``kedit eval --json`` contract."""
+        final = self.post_final is not None
+        report: dict[str, Any] = {
+            "method": self.method,
+            "model": self.model,
+            "n": len(self.requests),
+            "sequential": self.sequential,
+            "batch_size": self.batch_size,
+            "metrics": self.metrics("final" if final else "post"),
+            "metrics_pre": self.metrics("pre"),
+            "protocols": {k: PROTOCOLS[k] for k in self.metrics("post")},
+            "time_per_edit_s": self.time_per_edit_s,
+            "peak_rss_mb": self.peak_rss_mb,
+            "per_request": [
+                {
+                    "case_id": r.case_id,
+                    "prompt": r.prompt,
+                    "target_new": r.target_new,
+                    "pre": self.pre[i] if i < len(self.pre) else {},
+                    "post": self.post[i] if i < len(self.post) else {},
+                    **({"final": self.post_final[i]} if final and self.post_final else {}),
+                }
+                for i, r in enumerate(self.requests)
+            ],
+        }
+        if final:
+            report["metrics_after_each"] = self.metrics("post")
+        if self.peak_cuda_mb is not None:
+            report["peak_cuda_mb"] = self.peak_cuda_mb
+        if self.rss_mb_curve:
+            report["rss_mb_curve"] = self.rss_mb_curve
+        return report
+
+
+def as_requests(requests: Any) -> list[EditRequest]:
+    if isinstance(requests, (EditRequest, dict)):
+        requests = [requests]
+    out = []
+    for i, r in enumerate(requests):
+        out.append(r if isinstance(r, EditRequest) else EditRequest.create(i, **r))
+    if not out:
+        raise RequestError("no edit requests given")
+    return out
+
+
+class Editor:
+    """Edit a model with one method.
+
+    >>> editor = Editor(method="ft-m", model="gemma3-270m")          # doctest: +SKIP
+    >>> result = editor.edit([{"prompt": ..., "subject": ..., "target_new": ...}])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        method: str | EditMethod,
+        model: str | nn.Module = DEFAULT_MODEL,
+        tokenizer: Any = None,
+        hparams: str | Path | dict | Hyperparams | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | None = "float32",
+        device_map: str | None = None,
+        checkpoint: str | Path | None = None,
+        progress: bool = False,
+        model_info: ModelInfo | None = None,
+        cache: str | Path | None = None,
+    ) -> None:
+        self.method = get_registry().method(method) if isinstance(method, str) else method
+        if isinstance(model, str):
+            self.model, self.tokenizer, self.model_info = load_model(model, device=device, dtype=dtype, device_map=device_map)
+        else:
+            if tokenizer is None:
+                raise KeditError("pass the tokenizer together with a model object")
+            self.model, self.tokenizer = model, tokenizer
+            self.model_info = model_info or ModelInfo(id=type(model).__name__, key="", source="in-memory")
+        self.arch: ArchitectureSpec = resolve_architecture(self.model)
+        self.hparams = self.method.load_hparams(hparams, self.model_info.key)
+        self.progress = progress
+        self._ctx = EditContext(
+            model_id=self.model_info.id,
+            model_fingerprint=model_fingerprint(self.model),
+            cache_dir=Path(cache) if cache else cache_dir(),
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            progress=progress,
+        )
+
+    @classmethod
+    def from_hparams(cls, path: str | Path, model: str | nn.Module = DEFAULT_MODEL, **kwargs: Any) -> Editor:
+        """An editor whose method is named by the ``method`` field of a hyperparameter file."""
+        data = read_mapping_file(Path(path))
+        if not isinstance(data, dict) or not data.get("method"):
+            raise KeditError(f"{path}: needs a 'method' field to pick the editing method")
+        return cls(method=data["method"], model=model, hparams=path, **kwargs)
+
+    # -- single steps ---------------------------------------------------------------------------
+    def compute_patch(self, requests: Any, parent: Patch | None = None) -> Patch:
+        """The patch for ``requests`` on the model as it is now; the model is left unchanged."""
+        reqs = as_requests(requests)
+        if len(reqs) > 1 and not self.method.supports_batch:
+            raise KeditError(f"method {self.method.name!r} edits one request at a time (no batch editing)")
+        patch = self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx)
+        if parent is not None and not patch.parent:
+            patch.metadata["parent"] = parent.patch_id
+            patch.metadata["patch_id"] = patch.content_id()
+        return patch
+
+    def evaluator(self, fluency: bool = False) -> Evaluator:
+        return Evaluator(self.model, self.tokenizer, fluency=fluency)
+
+    # -- the main entry point ---------------------------------------------------------------------
+    def edit(
+        self,
+        requests: Any,
+        *,
+        sequential: bool = False,
+        keep_original_weight: bool = True,
+        evaluate: bool = True,
+        batch_size: int | None = None,
+        fluency: bool = False,
+        on_chunk: Callable[[int, EditResult], None] | None = None,
+    ) -> EditResult:
+        """Edit ``requests`` in chunks of ``batch_size``.
+
+        ``sequential=False``: every chunk is computed from the unedited model, scored, reverted.
+        ``sequential=True``: chunks build on each other (patches chained); scored right after each
+        chunk and again on the final model. ``keep_original_weight=True`` restores the pre-edit
+        weights when ``edit`` returns; ``False`` leaves the edits in the model.
+        """
+        reqs = as_requests(requests)
+        bs = batch_size or int(getattr(self.hparams, "batch_size", 1) or 1)
+        if bs > 1 and not self.method.supports_batch:
+            raise KeditError(f"method {self.method.name!r} does not support batch editing; use batch_size=1")
+        if sequential and not self.method.supports_sequential:
+            raise KeditError(f"method {self.method.name!r} does not support sequential editing")
+        chunks = [reqs[i : i + bs] for i in range(0, len(reqs), bs)]
+        if not sequential and not keep_original_weight and len(chunks) > 1:
+            raise KeditError(
+                "independent edits of several chunks cannot all stay in the model; use sequential=True "
+                "or one chunk (batch_size >= number of requests)"
+            )
+        ev = self.evaluator(fluency=fluency)
+        result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
+        refs = ev.reference(reqs) if evaluate else None
+        if evaluate:
+            result.pre = ev.evaluate(reqs, refs)
+        parent: Patch | None = None
+        done = 0
+        bar = tqdm(total=len(reqs), desc=f"{self.method.name} edits", unit="edit", disable=not self.progress)
+        try:
+            for chunk in chunks:
+                self._ctx.applied = [h.patch for h in result.handles]
+                t0 = time.perf_counter()
+                patch = self.compute_patch(chunk, parent if sequential else None)
+                handle = patch.apply(self.model)
+                result.edit_seconds.append(time.perf_counter() - t0)
+                result.patches.append(patch)
+                if evaluate:
+                    lo = done
+                    result.post.extend(ev.evaluate(chunk, refs[lo : lo + len(chunk)] if refs else None))
+                if sequential:
+                    result.handles.append(handle)
+                    parent = patch
+                elif keep_original_weight or len(chunks) > 1:
+                    handle.revert()
+                else:
+                    result.handles.append(handle)
+                done += len(chunk)
+                result.rss_mb_curve.append((done, current_rss_mb()))
+                bar.update(len(chunk))
+                if on_chunk is not None:
+                    on_chunk(done, result)
+            if sequential and evaluate:
+                result.post_final = ev.evaluate(reqs, refs)
+        finally:
+            bar.close()
+            if keep_original_weight:
+                self.restore(result)
+        result.peak_rss_mb = peak_rss_mb()
+        result.peak_cuda_mb = peak_cuda_mb()
+        return result
+
+    def restore(self, result: EditResult) -> None:
+        """Revert every patch ``result`` left applied (newest first)."""
+        while result.handles:
+            result.handles.pop().revert()

@@ -1,0 +1,7 @@
+"""Evaluation on the paper's dimensions: reliability, generalization, locality, portability,
+fluency (and the CounterFact probability scores); efficiency is measured by the Editor."""
+
+from .evaluator import Evaluator, PairScore, Reference
+from .metrics import PROTOCOLS, ngram_entropy, token_accuracy
+
+__all__ = ["Evaluator", "PairScore", "Reference", "PROTOCOLS", "ngram_entropy", "token_accuracy"]

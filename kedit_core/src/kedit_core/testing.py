@@ -1,0 +1,224 @@
+"""Test helpers for kedit and its plugins: tiny random models with in-process tokenizers, and
+:class:`MethodConformance`, the pytest suite every method plugin subclasses (like scikit-learn's
+``check_estimator``). Needs pytest."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from .architecture import resolve_architecture
+from .method import EditContext, EditMethod, PatchKind
+from .patch import Patch, tensor_fingerprint
+from .request import EditRequest
+
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "Toyota is a company headquartered in Japan.",
+    "The mother tongue of Danielle Darrieux is French.",
+    "Michael Jordan plays the sport of basketball.",
+    "The capital of Italy is Rome, and the capital of France is Paris.",
+    "Apple was founded in California by Steve Jobs.",
+    "Berlin is the capital of Germany. London is the capital of England.",
+    "Lionel Messi plays football for Argentina.",
+    "The Louvre is a museum in Paris. The Colosseum is in Rome.",
+    "Honda, Nissan and Toyota are car makers from Japan.",
+    "Mount Fuji is the highest mountain in Japan.",
+    "Which country is Toyota from? Japan. Who founded Microsoft? Bill Gates.",
+    "nq question: who wrote the novel war and peace? Leo Tolstoy",
+    "The official language of Brazil is Portuguese. Spanish is spoken in Spain.",
+]
+
+FAMILIES = ("gpt2", "llama", "gemma3")
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_object(style: str) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "byte":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if style != "byte":
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    return tok
+
+
+def tiny_tokenizer(style: str = "byte") -> Any:
+    """A BPE tokenizer trained in-process: ``byte`` (GPT-2 style) or ``sentencepiece`` (LLaMA/Gemma style, adds BOS)."""
+    from transformers import PreTrainedTokenizerFast
+
+    obj = _tokenizer_object(style)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=obj.__class__.from_str(obj.to_str()),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A tiny random causal LM of ``family`` (gpt2, llama, gemma3) and a matching tokenizer."""
+    import transformers as tf
+
+    tok = tiny_tokenizer("byte" if family == "gpt2" else "sentencepiece")
+    vocab = len(tok)
+    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":
+        config = tf.GPT2Config(n_positions=128, n_embd=32, n_layer=4, n_head=4, **common)
+        cls = tf.GPT2LMHeadModel
+    elif family == "llama":
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, **common)
+        cls = tf.LlamaForCausalLM
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16, **common)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; use one of {FAMILIES}")
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def tiny_requests() -> list[EditRequest]:
+    return [
+        EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome",
+                    ground_truth="Paris", rephrase_prompts=("Where is the Eiffel Tower? It is in",),
+                    locality=({"prompt": "Toyota is a company headquartered in", "target": "Japan"},),
+                    neighborhood_prompts=("The Louvre is a museum in",)),
+        EditRequest(prompt="Michael Jordan plays the sport of", subject="Michael Jordan", target_new="football",
+                    ground_truth="basketball", locality=({"prompt": "The capital of Italy is", "target": "Rome"},)),
+    ]
+
+
+def state_fingerprint(model: Any) -> dict[str, str]:
+    return {name: tensor_fingerprint(p) for name, p in model.state_dict().items()}
+
+
+class MethodConformance:
+    """Subclass in a plugin's tests and set ``method_name`` (and ``hparams`` for tiny models)::
+
+        class TestRomeConformance(MethodConformance):
+            method_name = "rome"
+            hparams = {"layers": [1], "v_num_grad_steps": 5}
+    """
+
+    method_name: ClassVar[str] = ""
+    #: hyperparameters for the tiny models (a mapping validated by the method's hparams class)
+    hparams: ClassVar[dict[str, Any]] = {}
+
+    # -- fixtures -------------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    def method(self) -> EditMethod:
+        from .plugins import Registry
+
+        registry = Registry(autoload=True).load()
+        return registry.method(self.method_name)
+
+    @pytest.fixture(scope="class", params=FAMILIES)
+    def tiny(self, request: Any) -> tuple[Any, Any]:
+        return tiny_model(request.param)
+
+    @pytest.fixture()
+    def ctx(self, tmp_path: Path) -> EditContext:
+        return EditContext(model_id="tiny", cache_dir=tmp_path / "cache")
+
+    def make_patch(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, requests: list[EditRequest] | None = None) -> Patch:
+        model, tok = tiny
+        hp = method.load_hparams(dict(self.hparams))
+        return method.compute_patch(model, tok, requests or tiny_requests()[:1], hp, resolve_architecture(model), ctx)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def test_discoverable_through_entry_point(self, method: EditMethod) -> None:
+        from .plugins import Registry
+
+        registry = Registry(autoload=True).load()
+        info = registry.methods[self.method_name]
+        assert info.plugin.package != "?" and info.plugin.error is None
+        assert not [b for b in registry.broken if info.plugin.name == b.name]
+
+    def test_capability_flags(self, method: EditMethod) -> None:
+        caps = method.capabilities()
+        assert isinstance(caps["batch"], bool) and isinstance(caps["sequential"], bool)
+        assert isinstance(caps["training"], bool) and caps["edit_area"]
+        assert PatchKind(caps["kind"]) is method.kind
+
+    def test_hparams_reject_unknown_keys(self, method: EditMethod) -> None:
+        from .errors import HparamsError
+
+        with pytest.raises(HparamsError, match="unknown field 'no_such_knob'"):
+            method.load_hparams({**self.hparams, "no_such_knob": 1})
+
+    def test_presets_validate(self, method: EditMethod) -> None:
+        presets = method.presets()
+        assert presets, f"method {method.name} ships no hparams presets"
+        for key, path in presets.items():
+            hp = method.load_hparams(Path(str(path)))
+            assert hp.method in (None, method.name), key
+
+    def test_compute_patch_leaves_model_unchanged(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext) -> None:
+        before = state_fingerprint(tiny[0])
+        patch = self.make_patch(method, tiny, ctx)
+        assert state_fingerprint(tiny[0]) == before
+        assert isinstance(patch, Patch) and patch.kind is method.kind and patch.method == method.name
+
+    def test_patch_roundtrips_through_file(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, tmp_path: Path) -> None:
+        patch = self.make_patch(method, tiny, ctx)
+        path = patch.save(tmp_path / "p.kedit.safetensors")
+        loaded = Patch.load(path)
+        assert loaded.metadata == patch.metadata
+        assert set(loaded.tensors) == set(patch.tensors)
+        for name, t in patch.tensors.items():
+            assert torch.equal(loaded.tensors[name], t), name
+
+    def test_apply_changes_and_revert_is_bit_exact(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext) -> None:
+        model, tok = tiny
+        patch = self.make_patch(method, tiny, ctx)
+        before = state_fingerprint(model)
+        enc = tok(tiny_requests()[0].prompt, return_tensors="pt")
+        with torch.no_grad():
+            logits_before = model(**enc).logits
+        with patch.applied(model):
+            with torch.no_grad():
+                logits_during = model(**enc).logits
+            assert not torch.equal(logits_before, logits_during), "the patch changes nothing"
+        assert state_fingerprint(model) == before
+        with torch.no_grad():
+            assert torch.equal(model(**enc).logits, logits_before)
+
+    def test_batch_editing_matches_the_flag(self, method: EditMethod, tiny: tuple[Any, Any]) -> None:
+        from .editor import Editor
+        from .errors import KeditError
+
+        editor = Editor(method, tiny[0], tiny[1], hparams=dict(self.hparams), cache=temp_dir())
+        if method.supports_batch:
+            patch = editor.compute_patch(tiny_requests())
+            assert len(patch.metadata["requests"]) == 2
+        else:
+            with pytest.raises(KeditError, match="one request at a time"):
+                editor.compute_patch(tiny_requests())
+
+
+def temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="kedit-test-"))
