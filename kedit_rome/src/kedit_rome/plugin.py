@@ -1,0 +1,9 @@
+"""Entry point of the ``kedit-rome`` plugin."""
+
+from kedit_core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_methods(register):
+    # each method registers itself below as it lands
+    pass
