@@ -7,3 +7,10 @@ from kedit_core.hookspecs import hookimpl
 def register_methods(register):
     # each method registers itself below as it lands
     pass
+
+
+@hookimpl
+def register_commands(cli):
+    from .trace.cli import trace
+
+    cli.add_command(trace)
