@@ -18,7 +18,7 @@ from .evaluate import Evaluator
 from .evaluate.metrics import PROTOCOLS, mean
 from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod
-from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint
+from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint, model_key
 from .patch import AppliedPatch, Patch
 from .plugins import get_registry
 from .request import EditRequest
@@ -133,6 +133,9 @@ class Editor:
         cache: str | Path | None = None,
     ) -> None:
         self.method = get_registry().method(method) if isinstance(method, str) else method
+        key = model_key(model) if isinstance(model, str) else (model_info.key if model_info else "")
+        # hyperparameters are validated before the (slow) model load
+        self.hparams = self.method.load_hparams(hparams, key)
         if isinstance(model, str):
             self.model, self.tokenizer, self.model_info = load_model(model, device=device, dtype=dtype, device_map=device_map)
         else:
@@ -141,7 +144,6 @@ class Editor:
             self.model, self.tokenizer = model, tokenizer
             self.model_info = model_info or ModelInfo(id=type(model).__name__, key="", source="in-memory")
         self.arch: ArchitectureSpec = resolve_architecture(self.model)
-        self.hparams = self.method.load_hparams(hparams, self.model_info.key)
         self.progress = progress
         self._ctx = EditContext(
             model_id=self.model_info.id,

@@ -59,6 +59,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
+def model_key(name: str) -> str:
+    """The key presets are stored under for a model name (``gemma3-270m``, a directory's or id's last part)."""
+    if name in BUILTIN_MODELS:
+        return name
+    path = Path(name).expanduser()
+    return (path.stem if path.suffix == ".gguf" else path.name).lower() or name.lower()
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -71,20 +79,17 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     path = Path(name).expanduser()
+    key = model_key(name)
     if name in BUILTIN_MODELS:
         source = _builtin_model_dir(name)
-        key = name
     elif path.suffix == ".gguf" and path.is_file():
         source = _gguf_cache_dir(path)
-        key = path.stem.lower()
     elif path.is_dir():
         source = path
-        key = path.name.lower()
     elif path.exists():
         raise ModelLoadError(f"{name}: not a model directory or a .gguf file")
     else:
         source = name  # a hub id; works when the files are cached locally or the network allows
-        key = name.rsplit("/", 1)[-1].lower()
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map

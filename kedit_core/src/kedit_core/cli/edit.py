@@ -1,0 +1,129 @@
+"""``kedit edit`` (one edit, before/after completions) and ``kedit eval`` (a data file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .options import echo_json, fmt, model_options, table
+
+METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy_score",
+                "paraphrase_score", "neighborhood_score", "fluency")
+
+
+def _editor(method: str, model: str, hparams: str | None, device: str, dtype: str, device_map: str | None,
+            checkpoint: str | None, progress: bool) -> Any:
+    from ..editor import Editor
+
+    return Editor(method, model, hparams=hparams, device=device, dtype=dtype, device_map=device_map,
+                  checkpoint=checkpoint, progress=progress)
+
+
+@click.command()
+@click.option("--method", required=True, help="Editing method (see `kedit methods`).")
+@model_options
+@click.option("--prompt", required=True, help="The prompt whose completion to change.")
+@click.option("--subject", required=True, help="The subject; must occur in the prompt.")
+@click.option("--target", "target", required=True, help="The new completion (target_new).")
+@click.option("--ground-truth", default=None, help="The current true completion (for the CounterFact scores).")
+@click.option("--rephrase", multiple=True, help="A paraphrase of the prompt (repeatable).")
+@click.option("--locality-prompt", multiple=True, help="An unrelated prompt whose answer must not change (repeatable).")
+@click.option("--locality-answer", multiple=True, help="Its answer, one per --locality-prompt.")
+@click.option("--hparams", type=click.Path(dir_okay=False), default=None, help="YAML/JSON hyperparameters (default: the method's preset).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained editor directory (MEND, SERAC, ...).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Where to write the patch [out/<method>-<id>.kedit.safetensors].")
+@click.option("--max-new-tokens", default=12, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+def edit(method, model, device, dtype, device_map, prompt, subject, target, ground_truth, rephrase, locality_prompt,
+         locality_answer, hparams, checkpoint, out, max_new_tokens, as_json) -> None:
+    """Make one edit, print completions and metrics before and after, and write the patch."""
+    from ..request import EditRequest
+
+    if len(locality_prompt) != len(locality_answer):
+        raise click.UsageError("give one --locality-answer per --locality-prompt")
+    request = EditRequest.create(
+        prompt=prompt, subject=subject, target_new=target, ground_truth=ground_truth, rephrase_prompts=list(rephrase),
+        locality=[{"prompt": p, "target": a} for p, a in zip(locality_prompt, locality_answer)],
+    )
+    editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=False)
+    ev = editor.evaluator()
+    prompts = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
+    before = ev.generate(prompts, max_new_tokens)
+    result = editor.edit([request])
+    patch = result.patches[0]
+    with patch.applied(editor.model):
+        after = ev.generate(prompts, max_new_tokens)
+    path = Path(out) if out else Path("out") / f"{patch.method}-{patch.patch_id}.kedit.safetensors"
+    patch.save(path)
+    report = {
+        "method": editor.method.name, "model": editor.model_info.id, "patch": str(path), "patch_id": patch.patch_id,
+        "patch_bytes": path.stat().st_size, "edit_seconds": result.edit_seconds[0],
+        "completions": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
+        "metrics_pre": result.pre[0], "metrics_post": result.post[0], "peak_rss_mb": result.peak_rss_mb,
+    }
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f"{editor.method.name} on {editor.model_info.id}: {request.subject!r} -> {request.target_new!r}\n")
+    for c in report["completions"]:
+        click.echo(f"  {c['prompt']}")
+        click.echo(f"    before: {c['before'].strip()!r}")
+        click.echo(f"    after:  {c['after'].strip()!r}")
+    click.echo("")
+    names = [m for m in METRIC_ORDER if m in result.post[0]]
+    click.echo(table([[m, result.pre[0].get(m), result.post[0].get(m)] for m in names], ["metric", "before", "after"]))
+    click.echo(f"\nedit took {result.edit_seconds[0]:.2f} s; peak RSS {result.peak_rss_mb:.0f} MB")
+    click.echo(f"patch {patch.patch_id} ({report['patch_bytes']} bytes) written to {path}")
+
+
+@click.command("eval")
+@click.option("--method", required=True, help="Editing method (see `kedit methods`).")
+@model_options
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="CounterFact, ZsRE, EasyEdit or kedit JSON/JSONL.")
+@click.option("--limit", type=int, default=None, help="Use the first N records.")
+@click.option("--batch-size", type=int, default=None, help="Requests per edit (methods that batch).")
+@click.option("--sequential", is_flag=True, help="Keep earlier edits (scored after each edit and at the end).")
+@click.option("--fluency", is_flag=True, help="Also score fluency (greedy generations; slower).")
+@click.option("--hparams", type=click.Path(dir_okay=False), default=None)
+@click.option("--checkpoint", type=click.Path(), default=None, help="Trained editor directory (MEND, SERAC, ...).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="With --sequential: PNG of metrics against edits.")
+def evaluate(method, model, device, dtype, device_map, data, limit, batch_size, sequential, fluency, hparams, checkpoint,
+             json_out, plot) -> None:
+    """Edit every request of a data file and print the metric table."""
+    from ..fsutil import atomic_write_text
+    from ..request import load_requests
+
+    if plot and not sequential:
+        raise click.UsageError("--plot needs --sequential")
+    if limit is not None and limit < 1:
+        raise click.UsageError("--limit must be at least 1")
+    requests = load_requests(data, limit=limit)
+    editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=True)
+    result = editor.edit(requests, sequential=sequential, batch_size=batch_size, fluency=fluency)
+    report = result.to_report()
+    report["data"] = str(data)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str))
+    if plot:
+        from ..evaluate.plot import plot_sequential
+
+        plot_sequential([(editor.method.name, result)], plot)
+    pre, post = report["metrics_pre"], (report.get("metrics_after_each") or report["metrics"])
+    names = [m for m in METRIC_ORDER if m in post]
+    header = ["metric", "pre", "post (after each)" if sequential else "post"] + (["final"] if sequential else [])
+    rows = [[m, pre.get(m), post.get(m)] + ([report["metrics"].get(m)] if sequential else []) for m in names]
+    click.echo(f"{report['method']} on {report['model']}, {report['n']} requests from {data}"
+               f"{' (sequential)' if sequential else ''}, batch size {report['batch_size']}")
+    click.echo(table(rows, header))
+    click.echo(f"time per edit {fmt(report['time_per_edit_s'])} s; peak RSS {report['peak_rss_mb']:.0f} MB"
+               + (f"; peak CUDA {report['peak_cuda_mb']:.0f} MB" if report.get("peak_cuda_mb") else ""))
+    if json_out:
+        click.echo(f"report written to {json_out}")
+    if plot:
+        click.echo(f"plot written to {plot}")
+
+

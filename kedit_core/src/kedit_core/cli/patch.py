@@ -1,0 +1,98 @@
+"""``kedit patch show|apply|revert``."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import KeditError
+from .options import echo_json, model_options
+
+
+@click.group()
+def patch() -> None:
+    """Inspect, apply and revert patch files."""
+
+
+@patch.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def show(path: str, as_json: bool) -> None:
+    """Print a patch's provenance and contents."""
+    from ..patch import Patch
+
+    s = Patch.load(path).summary()
+    if as_json:
+        echo_json(s)
+        return
+    click.echo(f"patch {s['patch_id']}  {s['method']} ({s['kind']})  plugin {s['plugin'] or '-'}  core {s['core_version']}")
+    click.echo(f"base model: {s['base_model']}")
+    click.echo(f"parent: {s['parent'] or '-'}   created: {s['created_at']}   {s['bytes']} bytes of tensors")
+    for r in s["requests"]:
+        click.echo(f"  edit: {r['prompt']!r} -> {r['target_new']!r} (subject {r['subject']!r})")
+    for name, t in s["tensors"].items():
+        click.echo(f"  {name}  {t['dtype']}{t['shape']}")
+
+
+def _load(model: str, device: str, dtype: str, device_map: str | None):
+    from ..models import load_model
+
+    return load_model(model, device=device, dtype=dtype, device_map=device_map)
+
+
+def _complete(model, tokenizer, prompts: tuple[str, ...], max_new_tokens: int) -> None:
+    from ..evaluate import Evaluator
+
+    for p, text in zip(prompts, Evaluator(model, tokenizer).generate(list(prompts), max_new_tokens)):
+        click.echo(f"{p} -> {text.strip()!r}")
+
+
+@patch.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@model_options
+@click.option("--save-to", type=click.Path(file_okay=False), default=None, help="Save the edited model here.")
+@click.option("--prompt", multiple=True, help="Print the edited model's completion of this prompt (repeatable).")
+@click.option("--max-new-tokens", default=12, show_default=True)
+def apply(paths, model, device, dtype, device_map, save_to, prompt, max_new_tokens) -> None:
+    """Apply patches (in order) to MODEL; print completions and/or save the edited model."""
+    from ..method import PatchKind
+    from ..patch import Patch
+
+    patches = [Patch.load(p) for p in paths]  # every file is validated before the model is loaded
+    if save_to and any(p.kind is not PatchKind.WEIGHT_DELTA for p in patches):
+        raise KeditError("only weight_delta patches can be merged into saved weights; apply module/memory patches at run time")
+    m, tok, _ = _load(model, device, dtype, device_map)
+    for p in patches:
+        p.apply(m)
+        click.echo(f"applied {p.patch_id} ({p.method})", err=True)
+    _complete(m, tok, prompt, max_new_tokens)
+    if save_to:
+        m.save_pretrained(save_to)
+        tok.save_pretrained(save_to)
+        click.echo(f"edited model saved to {save_to}")
+
+
+@patch.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--save-to", type=click.Path(file_okay=False), default=None, help="Save the reverted model here.")
+@click.option("--prompt", multiple=True, help="Print the reverted model's completion of this prompt (repeatable).")
+@click.option("--max-new-tokens", default=12, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def revert(path, model, device, dtype, device_map, save_to, prompt, max_new_tokens, as_json) -> None:
+    """Revert a weight patch from an edited MODEL using the file alone; report the residual."""
+    from ..patch import Patch
+
+    p = Patch.load(path)
+    m, tok, _ = _load(model, device, dtype, device_map)
+    report = p.revert_from_file(m)
+    if as_json:
+        echo_json(report)
+    else:
+        for name, r in report.items():
+            state = "bit-exact" if r["exact"] else f"residual {r['max_abs_residual']:.3g}"
+            click.echo(f"reverted {name}: {state}")
+    _complete(m, tok, prompt, max_new_tokens)
+    if save_to:
+        m.save_pretrained(save_to)
+        tok.save_pretrained(save_to)
+        click.echo(f"reverted model saved to {save_to}")

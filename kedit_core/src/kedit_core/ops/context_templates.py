@@ -1,0 +1,77 @@
+"""Context templates: short text prefixes sampled from the model itself (ROME Sec. 3.1).
+
+A fact's key and value are computed over ``prefix + prompt`` for a handful of prefixes so that
+the edit generalizes beyond the exact wording of the request. Templates are ``"{}"`` (the bare
+prompt) plus ``n`` generations of ``length`` tokens from generic openers; they depend only on the
+model, so they are sampled once (seeded) and cached on disk per model fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..fsutil import atomic_write_text
+from .logits import head_logits, model_device
+from .tokens import encode_prompts
+
+log = logging.getLogger(__name__)
+
+OPENERS = ("The", "Therefore", "Because", "I", "You")
+
+
+def _sample(model: nn.Module, tokenizer: Any, openers: Sequence[str], length: int, top_k: int, seed: int) -> list[str]:
+    device = model_device(model)
+    ids, mask, lens = encode_prompts(tokenizer, list(openers), device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    seqs = [ids[i, : lens[i]].tolist() for i in range(len(openers))]
+    with torch.no_grad():
+        for _ in range(length):
+            width = max(map(len, seqs))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            batch = torch.full((len(seqs), width), pad, dtype=torch.long)
+            att = torch.zeros_like(batch)
+            for i, s in enumerate(seqs):
+                batch[i, : len(s)] = torch.tensor(s)
+                att[i, : len(s)] = 1
+            hidden = model.base_model(input_ids=batch.to(device), attention_mask=att.to(device), use_cache=False)[0]
+            last = hidden[torch.arange(len(seqs), device=hidden.device), torch.tensor([len(s) - 1 for s in seqs])]
+            logits = head_logits(model, last).float().cpu()
+            top = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)[:, 0]
+            for i, s in enumerate(seqs):
+                s.append(int(top.indices[i, choice[i]]))
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+    return [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
+
+
+def context_templates(
+    model: nn.Module,
+    tokenizer: Any,
+    model_fingerprint: str,
+    cache_dir: Path,
+    spec: Sequence[tuple[int, int]] = ((10, 5),),
+    top_k: int = 5,
+    seed: int = 0,
+) -> list[str]:
+    """``["{}", "<sampled prefix>. {}", ...]``; ``spec`` lists (length in tokens, how many)."""
+    key = hashlib.sha256(json.dumps([list(map(list, spec)), top_k, seed]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / "templates" / model_fingerprint / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    templates = ["{}"]
+    for length, n in spec:
+        if n <= 0:
+            continue
+        openers = [OPENERS[i % len(OPENERS)] for i in range(n)]
+        templates.extend(_sample(model, tokenizer, openers, length, top_k, seed + length))
+    atomic_write_text(path, json.dumps(templates, ensure_ascii=False, indent=1))
+    log.info("sampled %d context templates -> %s", len(templates) - 1, path)
+    return templates

@@ -1,0 +1,91 @@
+"""Keys: the input of an MLP's down-projection at a chosen token (ROME Sec. 3.1, Eq. 3).
+
+ROME and MEMIT treat the MLP down-projection ``W_out`` as a linear associative memory: the key
+``k`` is what enters ``W_out`` at the subject's last token, the value is what leaves it. The key
+of a fact is averaged over prompts that prefix the sentence with varied context (the context
+templates), ``k* = 1/N sum_j k(x_j + p)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architecture import ArchitectureSpec, get_module
+from .logits import model_device
+from .tokens import encode_prompts, subject_last_token
+
+
+@contextlib.contextmanager
+def capture(module: nn.Module, which: str = "input") -> Iterator[list[torch.Tensor]]:
+    """Collect the input (first positional argument) or output of ``module`` on every call."""
+    store: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: Any, output: Any) -> None:
+        value = args[0] if which == "input" else (output[0] if isinstance(output, tuple) else output)
+        store.append(value.detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def subject_positions(tokenizer: Any, texts: Sequence[str], subjects: Sequence[str]) -> list[int]:
+    """Index of each subject's last token in each text (special tokens included)."""
+    return [subject_last_token(tokenizer, t, s) for t, s in zip(texts, subjects, strict=True)]
+
+
+@torch.no_grad()
+def module_io_at(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    positions: Sequence[int],
+    module_path: str,
+    which: str = "input",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """``[len(texts), d]``: the input or output of ``module_path`` at ``positions[i]`` of ``texts[i]``."""
+    device = model_device(model)
+    module = get_module(model, module_path)
+    rows = []
+    for lo in range(0, len(texts), batch_size):
+        chunk = list(texts[lo : lo + batch_size])
+        ids, mask, _ = encode_prompts(tokenizer, chunk, device)
+        with capture(module, which) as store:
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        acts = store[0]
+        idx = torch.tensor(positions[lo : lo + batch_size], device=acts.device)
+        rows.append(acts[torch.arange(len(chunk), device=acts.device), idx])
+    return torch.cat(rows, 0)
+
+
+def fill_templates(templates: Sequence[str], prompt: str) -> list[str]:
+    """``template.replace("{}", prompt)`` for each template (prompts may contain braces)."""
+    return [t.replace("{}", prompt) for t in templates]
+
+
+def compute_keys(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchitectureSpec,
+    layer: int,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    templates: Sequence[str] = ("{}",),
+) -> torch.Tensor:
+    """``[N, d_in]``: per request, the down-projection input at the subject's last token, averaged
+    over the context templates (ROME Eq. 3, ``k* = mean_j k(x_j + p)``)."""
+    texts, subs = [], []
+    for prompt, subject in zip(prompts, subjects, strict=True):
+        texts.extend(fill_templates(templates, prompt))
+        subs.extend([subject] * len(templates))
+    pos = subject_positions(tokenizer, texts, subs)
+    keys = module_io_at(model, tokenizer, texts, pos, arch.layer_path(layer, arch.mlp_out), "input")
+    return keys.reshape(len(prompts), len(templates), -1).mean(1)

@@ -1,0 +1,172 @@
+"""Second moment of keys, ``C = E[k k^T]`` (ROME Eq. 2; MEMIT Eq. 11), from a local text corpus.
+
+ROME's closed-form update needs the uncentered second moment of the keys entering ``W_out`` over
+text in general; MEMIT adds ``lambda * C`` to ``K K^T`` so that the update leaves other keys alone.
+This module computes ``C`` for one or several layers in one pass over a corpus (stopping the
+forward after the highest layer needed), with a progress bar, and caches the result on disk as
+safetensors keyed by model fingerprint, layer, corpus content and sample size -- written
+atomically, so concurrent processes reuse one file and never read a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..architecture import ArchitectureSpec
+from ..fsutil import atomic_path
+from .logits import model_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What a cached second moment depends on."""
+
+    model_fingerprint: str
+    corpus: Path
+    sample_tokens: int
+    max_length: int = 128
+
+    def corpus_hash(self) -> str:
+        return hashlib.sha256(self.corpus.read_bytes()).hexdigest()[:16]
+
+    def path(self, cache_dir: Path, module_path: str) -> Path:
+        name = f"{module_path}-{self.corpus_hash()}-n{self.sample_tokens}-L{self.max_length}.safetensors"
+        return Path(cache_dir) / "stats" / self.model_fingerprint / name
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (``.gz`` is decompressed), one document per line."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+def _documents(tokenizer: Any, lines: list[str], max_length: int, budget: int) -> list[list[int]]:
+    """Pack corpus lines into token sequences of at most ``max_length`` until ``budget`` tokens."""
+    docs, cur, total = [], [], 0
+    for line in lines:
+        ids = tokenizer(line)["input_ids"]
+        if cur and len(cur) + len(ids) > max_length:
+            docs.append(cur[:max_length])
+            total += len(docs[-1])
+            cur = []
+            if total >= budget:
+                break
+        cur = cur + ids if cur else list(ids)
+    if cur and total < budget:
+        docs.append(cur[:max_length])
+    return docs
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def compute_second_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchitectureSpec,
+    layers: Sequence[int],
+    spec: StatsSpec,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[int, tuple[torch.Tensor, int]]:
+    """``{layer: (C, count)}`` with ``C = sum_t k_t k_t^T / count`` over the corpus tokens."""
+    docs = _documents(tokenizer, read_corpus(spec.corpus), spec.max_length, spec.sample_tokens)
+    device = model_device(model)
+    sums: dict[int, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+    masks: list[torch.Tensor] = []
+    top = max(layers)
+    handles = []
+
+    def collect(layer: int) -> Any:
+        def hook(_m: nn.Module, args: Any, _out: Any) -> None:
+            k = args[0][masks[-1]].double()
+            sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
+            counts[layer] += k.shape[0]
+
+        return hook
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    for layer in layers:
+        handles.append(arch.module(model, layer, arch.mlp_out).register_forward_hook(collect(layer)))
+    handles.append(arch.layer(model, top).register_forward_hook(stop))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=sum(map(len, docs)), desc="second moment", unit="tok", disable=not progress)
+    try:
+        for lo in range(0, len(docs), batch_size):
+            chunk = docs[lo : lo + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for i, d in enumerate(chunk):
+                ids[i, : len(d)] = torch.tensor(d)
+                mask[i, : len(d)] = True
+            masks.append(mask.to(device))
+            with contextlib.suppress(_Stop):
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
+            bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return {layer: ((sums[layer] / counts[layer]).float().cpu(), counts[layer]) for layer in layers}
+
+
+class SecondMoments:
+    """Disk-cached second moments with an in-process memo, keyed by :class:`StatsSpec` and layer."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._memo: dict[tuple[Path, int], torch.Tensor] = {}
+
+    def get(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: Sequence[int],
+            spec: StatsSpec, progress: bool = True) -> dict[int, torch.Tensor]:
+        """``{layer: C}``; missing layers are computed together in one pass and saved."""
+        paths = {layer: spec.path(self.cache_dir, arch.layer_path(layer, arch.mlp_out)) for layer in layers}
+        out: dict[int, torch.Tensor] = {}
+        for layer, path in paths.items():
+            if (path, layer) in self._memo:
+                out[layer] = self._memo[(path, layer)]
+            elif path.is_file():
+                out[layer] = self._memo[(path, layer)] = load_file(str(path))["second_moment"]
+        missing = [layer for layer in layers if layer not in out]
+        if missing:
+            t0 = time.perf_counter()
+            log.info("computing second moments for layers %s from %s (%d tokens)", missing, spec.corpus, spec.sample_tokens)
+            for layer, (c, count) in compute_second_moments(model, tokenizer, arch, missing, spec, progress=progress).items():
+                with atomic_path(paths[layer]) as tmp:
+                    save_file({"second_moment": c}, str(tmp), metadata={"count": str(count), "corpus": str(spec.corpus)})
+                out[layer] = self._memo[(paths[layer], layer)] = c
+            log.info("second moments computed in %.1f s", time.perf_counter() - t0)
+        device = model_device(model)
+        return {layer: out[layer].to(device) for layer in layers}
+
+
+_STORES: dict[Path, SecondMoments] = {}
+
+
+def second_moments(cache_dir: Path) -> SecondMoments:
+    """The process-wide store for ``cache_dir`` (entries are keyed by model fingerprint)."""
+    key = Path(cache_dir).resolve()
+    if key not in _STORES:
+        _STORES[key] = SecondMoments(key)
+    return _STORES[key]

@@ -1,0 +1,98 @@
+import pytest
+
+from kedit_core.editor import Editor
+from kedit_core.errors import KeditError
+from kedit_core.patch import stack
+from kedit_core.plugins import reset_registry
+from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
+
+HP = {"layers": [1], "lr": 0.05, "num_steps": 10}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ft_plugin():
+    import kedit_ft.plugin
+
+    reg = reset_registry(autoload=False)
+    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
+    yield reg
+    reset_registry()
+
+
+@pytest.fixture()
+def editor():
+    model, tok = tiny_model("llama")
+    return Editor("ft-m", model, tok, hparams=HP)
+
+
+def test_independent_edits_leave_model_unchanged(editor):
+    before = state_fingerprint(editor.model)
+    result = editor.edit(tiny_requests())
+    assert state_fingerprint(editor.model) == before
+    assert len(result.patches) == 2 and all(p.parent is None for p in result.patches)
+    assert len(result.pre) == len(result.post) == 2 and result.post_final is None
+    assert all(r["reliability"] >= p["reliability"] for r, p in zip(result.post, result.pre))
+    assert len(result.edit_seconds) == 2 and result.peak_rss_mb > 0
+
+
+def test_batch_chunks(editor):
+    result = editor.edit(tiny_requests() * 2, batch_size=2)
+    assert len(result.patches) == 2 and [len(p.metadata["requests"]) for p in result.patches] == [2, 2]
+
+
+def test_sequential_chains_and_scores_twice(editor):
+    before = state_fingerprint(editor.model)
+    result = editor.edit(tiny_requests(), sequential=True)
+    first, second = result.patches
+    assert second.parent == first.patch_id and first.parent is None
+    assert result.post_final is not None and len(result.post_final) == 2
+    assert state_fingerprint(editor.model) == before  # keep_original_weight=True by default
+    report = result.to_report()
+    assert report["metrics"] == result.metrics("final") and "metrics_after_each" in report
+
+
+def test_keep_original_weight_false_keeps_edits(editor):
+    before = state_fingerprint(editor.model)
+    result = editor.edit(tiny_requests(), sequential=True, keep_original_weight=False)
+    assert state_fingerprint(editor.model) != before and len(stack(editor.model)) == 2
+    editor.restore(result)
+    assert state_fingerprint(editor.model) == before and stack(editor.model) == []
+
+
+def test_single_chunk_can_stay_applied(editor):
+    result = editor.edit(tiny_requests()[:1], keep_original_weight=False)
+    assert len(stack(editor.model)) == 1
+    editor.restore(result)
+
+
+def test_independent_multi_chunk_cannot_stay(editor):
+    with pytest.raises(KeditError, match="use sequential=True"):
+        editor.edit(tiny_requests(), keep_original_weight=False)
+
+
+def test_report_contract(editor):
+    report = editor.edit(tiny_requests()[:1]).to_report()
+    assert {"method", "model", "n", "metrics", "time_per_edit_s", "peak_rss_mb", "per_request", "protocols"} <= set(report)
+    assert report["n"] == 1 and set(report["per_request"][0]) >= {"pre", "post"}
+    assert set(report["protocols"]) == set(report["metrics"])
+
+
+def test_bad_requests_are_clear(editor):
+    with pytest.raises(KeditError, match="does not occur in prompt"):
+        editor.edit([{"prompt": "The tower is tall", "subject": "Louvre", "target_new": "x"}])
+    with pytest.raises(KeditError, match="no edit requests"):
+        editor.edit([])
+
+
+def test_from_hparams_file_picks_method(tmp_path):
+    model, tok = tiny_model("gpt2")
+    p = tmp_path / "h.yaml"
+    p.write_text("method: ft-l\nlayers: [2]\nnum_steps: 2\n")
+    ed = Editor.from_hparams(p, model, tokenizer=tok)
+    assert ed.method.name == "ft-l" and ed.hparams.layers == [2]
+    p.write_text("method: ft-m\nlayerz: [2]\n")
+    with pytest.raises(KeditError, match="unknown field 'layerz'"):
+        Editor.from_hparams(p, model, tokenizer=tok)
+    p.write_text("layers: [2]\n")
+    with pytest.raises(KeditError, match="needs a 'method' field"):
+        Editor.from_hparams(p, model, tokenizer=tok)
