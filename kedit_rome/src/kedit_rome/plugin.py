@@ -5,8 +5,9 @@ from kedit_core.hookspecs import hookimpl
 
 @hookimpl
 def register_methods(register):
-    # each method registers itself below as it lands
-    pass
+    from .kn import KN
+
+    register(KN)
 
 
 @hookimpl
