@@ -77,3 +77,12 @@ def test_generation_and_fluency():
     req = EditRequest(prompt="The capital of Italy is", subject="Italy", target_new="Paris")
     [m] = ev.evaluate([req])
     assert m["fluency"] >= 0.0 and "ground_truth" not in m
+
+
+def test_reference_from_the_pre_edit_pass_equals_a_separate_reference():
+    model, tok = tiny_model("gpt2")
+    ev = Evaluator(model, tok)
+    reqs = tiny_requests()
+    metrics, refs = ev.evaluate_with_reference(reqs)
+    assert [r.locality_tokens for r in refs] == [r.locality_tokens for r in ev.reference(reqs)]
+    assert metrics == ev.evaluate(reqs, refs)

@@ -209,9 +209,9 @@ class Editor:
             )
         ev = self.evaluator(fluency=fluency)
         result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
-        refs = ev.reference(reqs) if evaluate else None
+        refs = None
         if evaluate:
-            result.pre = ev.evaluate(reqs, refs)
+            result.pre, refs = ev.evaluate_with_reference(reqs)
         parent: Patch | None = None
         done = 0
         bar = tqdm(total=len(reqs), desc=f"{self.method.name} edits", unit="edit", disable=not self.progress)

@@ -73,19 +73,30 @@ class Evaluator:
     def reference(self, requests: list[EditRequest]) -> list[Reference]:
         """Record the unedited model's locality predictions (call before editing)."""
         pairs = [(p.prompt, p.target) for r in requests for p in r.locality]
-        scores = iter(self.score_pairs(pairs))
+        scores = iter(self.score_pairs(pairs)) if pairs else iter(())
         return [Reference([next(scores).predicted for _ in r.locality]) for r in requests]
 
     # -- metrics ----------------------------------------------------------------------------------
     def evaluate(self, requests: list[EditRequest], references: list[Reference] | None = None) -> list[dict[str, float]]:
         """Per-request metrics. Locality needs the ``references`` taken before the edit; without
         them it is the accuracy of the probes' own answers."""
+        return self._evaluate(requests, references)[0]
+
+    def evaluate_with_reference(self, requests: list[EditRequest]) -> tuple[list[dict[str, float]], list[Reference]]:
+        """Metrics of the unedited model and, from the same forward passes, the locality references."""
+        return self._evaluate(requests, None)
+
+    def _evaluate(self, requests: list[EditRequest], references: list[Reference] | None) -> tuple[list[dict[str, float]], list[Reference]]:
         pairs: list[tuple[str, str]] = []
-        slots: list[tuple[int, str, int]] = []
+        index: dict[tuple[str, str], int] = {}
+        slots: list[tuple[int, str, int, int]] = []
 
         def add(i: int, kind: str, j: int, prompt: str, target: str) -> None:
-            slots.append((i, kind, j))
-            pairs.append((prompt, target))
+            key = (prompt, target)
+            if key not in index:  # CounterFact's locality probes are its neighborhood prompts: score once
+                index[key] = len(pairs)
+                pairs.append(key)
+            slots.append((i, kind, j, index[key]))
 
         for i, r in enumerate(requests):
             add(i, "rel", 0, r.prompt, r.target_new)
@@ -104,8 +115,9 @@ class Evaluator:
                     add(i, "ns_new", j, p, r.target_new)
         scores = self.score_pairs(pairs)
         table: list[dict[str, dict[int, PairScore]]] = [{} for _ in requests]
-        for (i, kind, j), s in zip(slots, scores):
-            table[i].setdefault(kind, {})[j] = s
+        for i, kind, j, k in slots:
+            table[i].setdefault(kind, {})[j] = scores[k]
+        own_refs = [Reference([table[i]["loc"][j].predicted for j in range(len(r.locality))]) for i, r in enumerate(requests)]
         out = []
         for i, r in enumerate(requests):
             t = table[i]
@@ -134,7 +146,7 @@ class Evaluator:
         if self.fluency:
             for m, value in zip(out, self.fluency_scores(requests)):
                 m["fluency"] = value
-        return out
+        return out, own_refs
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
