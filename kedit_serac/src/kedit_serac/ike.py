@@ -1,0 +1,92 @@
+"""IKE (Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?").
+
+No weights change: every input x is answered by the base model reading the in-context prompt of
+the edit (:mod:`.demonstrations`),
+
+    f(x) = p_base( · | C(f*, t*) ⊕ x ),
+
+where with several edits in one patch x reads the context of the edit whose fact is nearest to x
+in sentence-embedding space. Unlike SERAC there is no scope classifier, so unrelated inputs read
+the context too (IKE's locality is its weak side).
+
+The demonstration pool is a data file of edit records: hparams ``pool``, or ``--checkpoint FILE``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.errors import PatchError
+from kedit_core.hparams import Hyperparams
+from kedit_core.method import EditContext, EditMethod, PatchKind
+from kedit_core.patch import Patch
+from kedit_core.request import EditRequest
+from kedit_core.trainer import load_training_requests
+
+from . import __version__
+from .demonstrations import DemonstrationPool, new_fact
+from .encoder import ENCODER_ID, shared_encoder
+from .memory import Memory, attach_memory, bind_tokenizer
+from .serac import input_embedding_name
+
+
+class IKEHyperparams(Hyperparams):
+    #: demonstrations retrieved per edit
+    k: int = Field(default=8, ge=0)
+    #: data file of demonstration records (CounterFact/EasyEdit/ZsRE); ``--checkpoint FILE`` also sets it
+    pool: str | None = None
+    #: use the first N records of the pool
+    pool_limit: int | None = Field(default=2000, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class IKE(EditMethod):
+    name = "ike"
+    hparams_class = IKEHyperparams
+    supports_batch = True
+    supports_sequential = True
+    requires_training = False
+    edit_area = "in-context"
+    kind = PatchKind.MEMORY
+    preset_package = "kedit_serac"
+
+    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: IKEHyperparams,
+                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+        encoder = shared_encoder()
+        pool_file = hparams.pool or (str(ctx.checkpoint) if ctx.checkpoint is not None else None)
+        records = load_training_requests(pool_file, hparams.pool_limit) if pool_file else []
+        pool = DemonstrationPool.build(records, encoder, ctx.cache_dir / "ike")
+        contexts = [pool.context(encoder, r.prompt, r.target_new, hparams.k) for r in requests]
+        keys = encoder.embed([new_fact(r.prompt, r.target_new) for r in requests])
+        bind_tokenizer(model, tokenizer)
+        return Patch.create(
+            method=self.name, kind=self.kind, model=model, tensors={"state/memory/keys": keys},
+            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
+            hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
+            plugin="kedit-serac", plugin_version=__version__, fingerprint_params=[input_embedding_name(model)],
+            extra={"encoder": ENCODER_ID, "contexts": contexts, "pool": {"source": pool_file or "", "records": len(records)}},
+        )
+
+    def attach(self, model, patch: Patch, arch: ArchitectureSpec):
+        keys = patch.state().get("memory/keys")
+        contexts = list(patch.metadata.get("extra", {}).get("contexts", []))
+        if keys is None or keys.shape[0] != len(contexts) or not contexts:
+            raise PatchError(f"IKE patch {patch.patch_id} needs one memory key per context")
+        return attach_memory(model, Memory(contexts, nearest_router(keys)))
+
+
+def nearest_router(keys: torch.Tensor):
+    """``route(texts)``: every text reads the context of its nearest edit."""
+    encoder = shared_encoder()
+
+    @torch.no_grad()
+    def route(texts: list[str]) -> list[tuple[int, float] | None]:
+        if keys.shape[0] == 1:
+            return [(0, 1.0)] * len(texts)
+        sims = encoder.embed(texts) @ keys.T
+        best, idx = sims.max(dim=1)
+        return [(int(i), float(s)) for s, i in zip(best.tolist(), idx.tolist())]
+
+    return route

@@ -1,0 +1,188 @@
+"""Routing every forward and generate call of a model through an edit memory.
+
+A memory holds, for each stored edit, a conditioning context (text) and a scope rule. For a batch
+row whose text ``x`` falls in the scope of edit ``e``, the output is that of the model run on
+``c_e ⊕ x`` (the counterfactual model of SERAC, the in-context prompt of IKE) at the positions of
+``x``; other rows keep the base model's output:
+
+    h(x) = h_base(c_e ⊕ x)[positions of x]   if x is in the scope of e,   else h_base(x)
+
+It is installed as a forward hook on ``model.base_model`` (so ``model(...)`` and the
+``base_model + lm_head`` path of :mod:`kedit_core.ops.logits` both see it) and as an instance-level
+``generate`` that turns the KV cache off (each step then re-reads the whole row). Removing the
+last memory removes the hook and the ``generate`` attribute: the model is as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kedit_core.errors import PatchError
+
+log = logging.getLogger(__name__)
+
+ROUTER_ATTR = "_kedit_memory_router"
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bind_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """Remember the tokenizer of ``model`` (memories need it to read rows and encode contexts)."""
+    _TOKENIZERS[model] = tokenizer
+
+
+def tokenizer_for(model: nn.Module) -> Any:
+    tok = _TOKENIZERS.get(model)
+    if tok is not None:
+        return tok
+    source = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 -- any failure means: no tokenizer found
+        raise PatchError(
+            "memory patches need the model's tokenizer: call kedit_serac.memory.bind_tokenizer(model, tokenizer) "
+            "before applying the patch"
+        ) from None
+    _TOKENIZERS[model] = tok
+    return tok
+
+
+@dataclass
+class Memory:
+    """One applied memory patch: contexts and a scope rule.
+
+    ``route(texts)`` returns, per text, ``(edit index, score)`` or ``None`` when out of scope.
+    """
+
+    contexts: list[str]
+    route: Callable[[list[str]], list[tuple[int, float] | None]]
+    context_ids: list[list[int]] = field(default_factory=list)
+
+
+class MemoryRouter:
+    """The hook object installed on one model; holds a LIFO stack of memories."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.memories: list[Memory] = []
+        self._busy = False
+        self._handle = model.base_model.register_forward_hook(self._hook, with_kwargs=True)
+        original_generate = model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            kwargs["use_cache"] = False
+            return original_generate(*args, **kwargs)
+
+        model.__dict__["generate"] = generate
+
+    def push(self, memory: Memory) -> None:
+        memory.context_ids = [self.tokenizer(c)["input_ids"] for c in memory.contexts]
+        self.memories.append(memory)
+
+    def pop(self, memory: Memory) -> None:
+        if not self.memories or self.memories[-1] is not memory:
+            raise PatchError("memory patches are removed in last-in-first-out order")
+        self.memories.pop()
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.model.__dict__.pop("generate", None)
+        self.model.__dict__.pop(ROUTER_ATTR, None)
+
+    # -- routing ----------------------------------------------------------------------------------
+    def _select(self, texts: list[str]) -> list[tuple[Memory, int] | None]:
+        """Per row, the in-scope edit with the highest score over all memories (newest wins ties)."""
+        best: list[tuple[float, Memory, int] | None] = [None] * len(texts)
+        for memory in self.memories:
+            for i, hit in enumerate(memory.route(texts)):
+                if hit is not None and (best[i] is None or hit[1] >= best[i][0]):
+                    best[i] = (hit[1], memory, hit[0])
+        return [None if b is None else (b[1], b[2]) for b in best]
+
+    def _fit(self, ctx: list[int], row_len: int) -> list[int]:
+        """Drop the context's oldest tokens (keeping a leading BOS) if the model cannot read it all."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not limit or len(ctx) + row_len <= limit:
+            return ctx
+        keep = max(0, limit - row_len - 1)
+        bos = self.tokenizer.bos_token_id
+        head = ctx[:1] if bos is not None and ctx and ctx[0] == bos else []
+        log.warning("context of %d tokens truncated to fit %d positions", len(ctx), limit)
+        return head + ctx[len(ctx) - keep :] if keep else head
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._busy or not self.memories:
+            return output
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            log.warning("memory routing needs input_ids (got inputs_embeds); output not routed")
+            return output
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.ndim != 2 or mask.shape[1] != input_ids.shape[1]:
+            mask = torch.ones_like(input_ids)
+        rows = [input_ids[i][mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        choice = self._select(texts)
+        routed = [i for i, c in enumerate(choice) if c is not None]
+        if not routed:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        new_hidden = hidden.clone()
+        seqs, places = [], []
+        bos = self.tokenizer.bos_token_id
+        for i in routed:
+            memory, e = choice[i]  # type: ignore[misc]
+            row = rows[i]
+            ctx = self._fit(memory.context_ids[e], len(row))
+            positions = mask[i].bool().nonzero()[:, 0]
+            if bos is not None and row and row[0] == bos and ctx and ctx[0] == bos:
+                seqs.append(ctx + row[1:])
+                places.append((positions, torch.arange(len(ctx) - 1, len(ctx) - 1 + len(row))))
+            else:
+                seqs.append(ctx + row)
+                places.append((positions, torch.arange(len(ctx), len(ctx) + len(row))))
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        m = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            m[j, : len(s)] = 1
+        self._busy = True
+        try:
+            out = module(input_ids=ids.to(input_ids.device), attention_mask=m.to(input_ids.device), use_cache=False)
+        finally:
+            self._busy = False
+        cf = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        for j, i in enumerate(routed):
+            dst, src = places[j]
+            new_hidden[i, dst.to(hidden.device)] = cf[j, src.to(cf.device)].to(hidden.dtype)
+        if isinstance(output, tuple):
+            return (new_hidden, *output[1:])
+        output["last_hidden_state"] = new_hidden
+        return output
+
+
+def attach_memory(model: nn.Module, memory: Memory) -> Callable[[], None]:
+    """Install ``memory`` on ``model``; returns the callable that removes it exactly."""
+    router = model.__dict__.get(ROUTER_ATTR)
+    if router is None:
+        router = MemoryRouter(model, tokenizer_for(model))
+        model.__dict__[ROUTER_ATTR] = router
+    router.push(memory)
+
+    def detach() -> None:
+        router.pop(memory)
+        if not router.memories:
+            router.remove()
+
+    return detach

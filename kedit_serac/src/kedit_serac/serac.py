@@ -1,0 +1,127 @@
+"""SERAC (Mitchell et al. 2022b, "Memory-Based Model Editing at Scale").
+
+The edit is an explicit memory of edit descriptors z_e. At inference (their eq. 1):
+
+    f(x) = h_ψ(z_e*, x)  if  max_e g_φ(z_e, x) > threshold  (e* the argmax),   else  f_base(x)
+
+g_φ is the trained scope classifier (:mod:`.scope_classifier`, trained by :mod:`.train_scope`),
+h_ψ the counterfactual model (:mod:`.counterfactual`). Base weights never change: the patch is the
+memory (edit embeddings, the classifier's parameters, the contexts), applied by routing the model's
+forward and generate calls through it (:mod:`.memory`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+from pathlib import Path
+import torch
+from pydantic import Field
+
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.errors import KeditError, PatchError
+from kedit_core.method import EditContext, EditMethod, PatchKind
+from kedit_core.patch import Patch
+from kedit_core.request import EditRequest
+from kedit_core.trainer import MODEL_FILE, TrainingHyperparams, load_checkpoint
+
+from . import __version__
+from .counterfactual import context
+from .encoder import ENCODER_ID, shared_encoder
+from .memory import Memory, attach_memory, bind_tokenizer
+from .scope_classifier import STATE_KEYS, ScopeClassifier
+from .train_scope import ScopeTrainer, edit_text
+
+log = logging.getLogger(__name__)
+
+PACKAGED_CHECKPOINT = "serac-scope-minilm"
+
+
+class SERACHyperparams(TrainingHyperparams):
+    #: route an input to the counterfactual model when g_φ exceeds this probability
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    #: demonstrations the counterfactual model reads before the edit (picked at training time)
+    n_demonstrations: int = Field(default=2, ge=0)
+    batch_size: int = Field(default=200, ge=1)
+
+
+def input_embedding_name(model: torch.nn.Module) -> str:
+    weight = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        if p is weight:
+            return name
+    raise KeditError("cannot find the input embedding among the model's parameters")
+
+
+def checkpoint_dir(ctx: EditContext) -> Path:
+    """``ctx.checkpoint`` or the classifier checkpoint shipped with the package."""
+    if ctx.checkpoint is not None:
+        return Path(ctx.checkpoint)
+    return Path(str(resources.files("kedit_serac") / "checkpoints" / PACKAGED_CHECKPOINT))
+
+
+class SERAC(EditMethod):
+    name = "serac"
+    hparams_class = SERACHyperparams
+    supports_batch = True
+    supports_sequential = True
+    requires_training = True
+    edit_area = "memory (scope classifier + counterfactual model)"
+    kind = PatchKind.MEMORY
+    preset_package = "kedit_serac"
+
+    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: SERACHyperparams,
+                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+        ckpt = checkpoint_dir(ctx)
+        tensors, config = load_checkpoint(ckpt)
+        if config.get("config", {}).get("encoder") != ENCODER_ID:
+            raise KeditError(f"{ckpt}: not a SERAC scope-classifier checkpoint for {ENCODER_ID}")
+        demos = config["config"].get("demonstrations", [])[: hparams.n_demonstrations]
+        keys = shared_encoder().embed([edit_text(r) for r in requests])
+        bind_tokenizer(model, tokenizer)
+        state = {f"state/scope_classifier/{k}": tensors[k].float() for k in STATE_KEYS}
+        state["state/memory/keys"] = keys
+        return Patch.create(
+            method=self.name, kind=self.kind, model=model, tensors=state,
+            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
+            hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
+            plugin="kedit-serac", plugin_version=__version__, fingerprint_params=[input_embedding_name(model)],
+            extra={"encoder": ENCODER_ID, "threshold": hparams.threshold,
+                   "contexts": [context(demos, r.prompt, r.target_new) for r in requests],
+                   "checkpoint": {"source": str(ckpt), "id": file_id(ckpt / MODEL_FILE)}},
+        )
+
+    def attach(self, model, patch: Patch, arch: ArchitectureSpec):
+        state, extra = patch.state(), patch.metadata.get("extra", {})
+        missing = [k for k in (*(f"scope_classifier/{k}" for k in STATE_KEYS), "memory/keys") if k not in state]
+        if missing:
+            raise PatchError(f"SERAC patch {patch.patch_id} lacks {missing[0]!r}")
+        keys = state["memory/keys"]
+        contexts = list(extra.get("contexts", []))
+        if len(contexts) != keys.shape[0]:
+            raise PatchError(f"SERAC patch {patch.patch_id}: {keys.shape[0]} keys but {len(contexts)} contexts")
+        classifier = ScopeClassifier.from_tensors({k: state[f"scope_classifier/{k}"] for k in STATE_KEYS})
+        return attach_memory(model, Memory(contexts, scope_router(classifier, keys, float(extra["threshold"]))))
+
+    def trainer(self, model, tokenizer, hparams: SERACHyperparams, arch: ArchitectureSpec, ctx: EditContext, *,
+                train: list[EditRequest], val: list[EditRequest] | None, out_dir: Path) -> ScopeTrainer:
+        """The scope classifier's trainer (the counterfactual model is the base model in context)."""
+        return ScopeTrainer(hparams, out_dir, train, val, shared_encoder(), ctx.cache_dir / "serac", progress=ctx.progress)
+
+
+def scope_router(classifier: ScopeClassifier, keys: torch.Tensor, threshold: float):
+    """``route(texts)``: the edit of highest g_φ per text, if above ``threshold``."""
+    encoder = shared_encoder()
+
+    @torch.no_grad()
+    def route(texts: list[str]) -> list[tuple[int, float] | None]:
+        probs = torch.sigmoid(classifier.logits(keys, encoder.embed(texts)))
+        best, idx = probs.max(dim=1)
+        return [(int(i), float(p)) if p > threshold else None for p, i in zip(best.tolist(), idx.tolist())]
+
+    return route
+
+
+def file_id(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
