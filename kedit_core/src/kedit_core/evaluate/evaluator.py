@@ -84,9 +84,10 @@ class Evaluator:
 
     def evaluate_with_reference(self, requests: list[EditRequest]) -> tuple[list[dict[str, float]], list[Reference]]:
         """Metrics of the unedited model and, from the same forward passes, the locality references."""
-        return self._evaluate(requests, None)
+        return self._evaluate(requests, None, self_reference=True)
 
-    def _evaluate(self, requests: list[EditRequest], references: list[Reference] | None) -> tuple[list[dict[str, float]], list[Reference]]:
+    def _evaluate(self, requests: list[EditRequest], references: list[Reference] | None,
+                  self_reference: bool = False) -> tuple[list[dict[str, float]], list[Reference]]:
         pairs: list[tuple[str, str]] = []
         index: dict[tuple[str, str], int] = {}
         slots: list[tuple[int, str, int, int]] = []
@@ -118,6 +119,8 @@ class Evaluator:
         for i, kind, j, k in slots:
             table[i].setdefault(kind, {})[j] = scores[k]
         own_refs = [Reference([table[i]["loc"][j].predicted for j in range(len(r.locality))]) for i, r in enumerate(requests)]
+        if self_reference:
+            references = own_refs
         out = []
         for i, r in enumerate(requests):
             t = table[i]
