@@ -1,0 +1,1 @@
+"""MELO: Model Editing with neuron-indexed dynamic LoRA (Yu et al., AAAI 2024)."""
