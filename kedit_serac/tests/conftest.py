@@ -5,7 +5,7 @@ import pytest
 POOL = pathlib.Path(__file__).resolve().parent / "data" / "pool.json"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def serac_plugin_registered():
     """The suite runs with plugin autoload off; memory patches are applied through the process-wide
     registry (Patch.apply looks the method up there), so register this package's plugin by hand."""
