@@ -15,6 +15,7 @@ last memory removes the hook and the ``generate`` attribute: the model is as it 
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from kedit_core.errors import PatchError
 log = logging.getLogger(__name__)
 
 ROUTER_ATTR = "_kedit_memory_router"
+#: contexts whose keys/values a memory keeps (computed once per edit, reused by every routed row)
+KV_CACHE_EDITS = 256
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -64,6 +67,7 @@ class Memory:
     contexts: list[str]
     route: Callable[[list[str]], list[tuple[int, float] | None]]
     context_ids: list[list[int]] = field(default_factory=list)
+    kv: dict[int, Any] = field(default_factory=dict, repr=False)
 
 
 class MemoryRouter:
@@ -119,6 +123,59 @@ class MemoryRouter:
         log.warning("context of %d tokens truncated to fit %d positions", len(ctx), limit)
         return head + ctx[len(ctx) - keep :] if keep else head
 
+    def _strip_bos(self, ctx: list[int], row: list[int]) -> bool:
+        """Whether the row's leading BOS is replaced by the context's (which starts with one)."""
+        bos = self.tokenizer.bos_token_id
+        return bos is not None and bool(row) and row[0] == bos and bool(ctx) and ctx[0] == bos
+
+    def _run_full(self, module: nn.Module, memory: Memory, e: int, idx: list[int], rows: list[list[int]],
+                  mask: torch.Tensor, out: torch.Tensor) -> None:
+        """Run ``ctx ⊕ row`` for each row in ``idx``; write the row positions' hidden states into ``out``."""
+        seqs, places = [], []
+        for i in idx:
+            row = rows[i]
+            ctx = self._fit(memory.context_ids[e], len(row))
+            skip = int(self._strip_bos(ctx, row))
+            seqs.append(ctx + row[skip:])
+            places.append((mask[i].bool().nonzero()[:, 0], torch.arange(len(ctx) - skip, len(ctx) - skip + len(row))))
+        ids, m = _right_pad(seqs, self._pad_id())
+        res = module(input_ids=ids.to(out.device), attention_mask=m.to(out.device), use_cache=False)
+        cf = res[0] if isinstance(res, tuple) else res.last_hidden_state
+        for j, i in enumerate(idx):
+            dst, src = places[j]
+            out[i, dst.to(out.device)] = cf[j, src.to(cf.device)].to(out.dtype)
+
+    def _run_cached(self, module: nn.Module, memory: Memory, e: int, idx: list[int], rows: list[list[int]],
+                    mask: torch.Tensor, out: torch.Tensor) -> None:
+        """As :meth:`_run_full`, reading the context's keys and values from a cache computed once per edit."""
+        ctx = memory.context_ids[e]
+        if e not in memory.kv:
+            res = module(input_ids=torch.tensor([ctx], device=out.device), use_cache=True)
+            if len(memory.kv) >= KV_CACHE_EDITS:
+                memory.kv.pop(next(iter(memory.kv)))
+            memory.kv[e] = (res.past_key_values, res.last_hidden_state[0, -1])
+        cache, last = memory.kv[e]
+        skips = [int(self._strip_bos(ctx, rows[i])) for i in idx]
+        bodies = [rows[i][s:] for i, s in zip(idx, skips)]
+        width = max(len(b) for b in bodies)
+        if width:
+            ids, m = _right_pad(bodies, self._pad_id())
+            kv = copy.deepcopy(cache)
+            kv.batch_repeat_interleave(len(idx))
+            attn = torch.cat([torch.ones(len(idx), len(ctx), dtype=m.dtype), m], dim=1)
+            res = module(input_ids=ids.to(out.device), attention_mask=attn.to(out.device), past_key_values=kv,
+                         use_cache=True, cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device))
+            hid = res.last_hidden_state
+        for j, (i, skip) in enumerate(zip(idx, skips)):
+            dst = mask[i].bool().nonzero()[:, 0].to(out.device)
+            if skip:
+                out[i, dst[0]] = last.to(out.dtype)
+            if len(bodies[j]):
+                out[i, dst[skip:]] = hid[j, : len(bodies[j])].to(out.dtype)
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._busy or not self.memories:
             return output
@@ -137,39 +194,36 @@ class MemoryRouter:
             return output
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         new_hidden = hidden.clone()
-        seqs, places = [], []
-        bos = self.tokenizer.bos_token_id
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in routed:
             memory, e = choice[i]  # type: ignore[misc]
-            row = rows[i]
-            ctx = self._fit(memory.context_ids[e], len(row))
-            positions = mask[i].bool().nonzero()[:, 0]
-            if bos is not None and row and row[0] == bos and ctx and ctx[0] == bos:
-                seqs.append(ctx + row[1:])
-                places.append((positions, torch.arange(len(ctx) - 1, len(ctx) - 1 + len(row))))
-            else:
-                seqs.append(ctx + row)
-                places.append((positions, torch.arange(len(ctx), len(ctx) + len(row))))
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        m = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            m[j, : len(s)] = 1
+            groups.setdefault((id(memory), e), []).append(i)
         self._busy = True
         try:
-            out = module(input_ids=ids.to(input_ids.device), attention_mask=m.to(input_ids.device), use_cache=False)
+            for idx in groups.values():
+                memory, e = choice[idx[0]]  # type: ignore[misc]
+                ctx = memory.context_ids[e]
+                fits = all(self._fit(ctx, len(rows[i])) is ctx for i in idx)
+                if fits and not torch.is_grad_enabled():
+                    self._run_cached(module, memory, e, idx, rows, mask, new_hidden)
+                else:
+                    self._run_full(module, memory, e, idx, rows, mask, new_hidden)
         finally:
             self._busy = False
-        cf = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        for j, i in enumerate(routed):
-            dst, src = places[j]
-            new_hidden[i, dst.to(hidden.device)] = cf[j, src.to(cf.device)].to(hidden.dtype)
         if isinstance(output, tuple):
             return (new_hidden, *output[1:])
         output["last_hidden_state"] = new_hidden
         return output
+
+
+def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    m = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+        m[j, : len(s)] = 1
+    return ids, m
 
 
 def attach_memory(model: nn.Module, memory: Memory) -> Callable[[], None]:
