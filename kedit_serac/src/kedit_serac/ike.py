@@ -56,8 +56,7 @@ class IKE(EditMethod):
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
         encoder = shared_encoder()
         pool_file = hparams.pool or (str(ctx.checkpoint) if ctx.checkpoint is not None else None)
-        records = load_training_requests(pool_file, hparams.pool_limit) if pool_file else []
-        pool = DemonstrationPool.build(records, encoder, ctx.cache_dir / "ike")
+        pool = self._pool(pool_file, hparams.pool_limit, ctx)
         contexts = [pool.context(encoder, r.prompt, r.target_new, hparams.k) for r in requests]
         keys = encoder.embed([new_fact(r.prompt, r.target_new) for r in requests])
         bind_tokenizer(model, tokenizer)
@@ -66,8 +65,17 @@ class IKE(EditMethod):
             base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
             hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
             plugin="kedit-serac", plugin_version=__version__, fingerprint_params=[input_embedding_name(model)],
-            extra={"encoder": ENCODER_ID, "contexts": contexts, "pool": {"source": pool_file or "", "records": len(records)}},
+            extra={"encoder": ENCODER_ID, "contexts": contexts, "pool": {"source": pool_file or "", "demonstrations": len(pool.texts)}},
         )
+
+    def _pool(self, pool_file: str | None, limit: int | None, ctx: EditContext) -> DemonstrationPool:
+        """The demonstration pool, built once per method object (embeddings cached on disk)."""
+        key = (pool_file, limit, str(ctx.cache_dir))
+        pools = self.__dict__.setdefault("_pools", {})
+        if key not in pools:
+            records = load_training_requests(pool_file, limit) if pool_file else []
+            pools[key] = DemonstrationPool.build(records, shared_encoder(), ctx.cache_dir / "ike")
+        return pools[key]
 
     def attach(self, model, patch: Patch, arch: ArchitectureSpec):
         keys = patch.state().get("memory/keys")
