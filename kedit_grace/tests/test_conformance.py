@@ -1,0 +1,15 @@
+"""kedit's plugin contract for GRACE and MELO (tiny gpt2 / llama / gemma3 models)."""
+
+from kedit_core.testing import MethodConformance
+
+from helpers import TINY_HPARAMS
+
+
+class TestGraceConformance(MethodConformance):
+    method_name = "grace"
+    hparams = TINY_HPARAMS["grace"]
+
+
+class TestMeloConformance(MethodConformance):
+    method_name = "melo"
+    hparams = TINY_HPARAMS["melo"]

@@ -1,0 +1,123 @@
+"""The module-state contract of GRACE and MELO on tiny models: wrapping, reverting to the original
+module objects, sequential chains, reproduction from the final patch alone, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_core.architecture import get_module, resolve_architecture
+from kedit_core.editor import Editor
+from kedit_core.errors import PatchError
+from kedit_core.method import EditContext
+from kedit_core.patch import Patch, revert_all
+from kedit_core.plugins import Registry
+from kedit_core.testing import state_fingerprint, tiny_model
+
+from helpers import TINY_HPARAMS, UNRELATED, logits, three_requests
+
+METHODS = ("grace", "melo")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Registry(autoload=True).load()
+
+
+def wrapped_paths(patch: Patch) -> list[str]:
+    return list(patch.metadata["modules"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("name", METHODS)
+def test_sequential_chain_reverts_lifo_and_final_patch_reproduces(registry, name, family, tmp_path):
+    model, tok = tiny_model(family)
+    before = logits(model, tok)
+    unrelated = logits(model, tok, UNRELATED)
+    fingerprints = state_fingerprint(model)
+    editor = Editor(registry.method(name), model, tok, hparams=TINY_HPARAMS[name])
+    result = editor.edit(three_requests(), sequential=True, keep_original_weight=False, evaluate=False)
+    patches = result.patches
+    assert [p.parent for p in patches] == [None, patches[0].patch_id, patches[1].patch_id]
+    paths = wrapped_paths(patches[-1])
+    originals = {p: get_module(model, p).base for p in paths}
+    edited = logits(model, tok)
+    assert not torch.equal(edited, before)
+    assert torch.equal(logits(model, tok, UNRELATED), unrelated)  # far from every key: deferred
+    assert set(model.state_dict()) == set(fingerprints)  # wrapping adds no checkpoint keys
+
+    # LIFO: reverting the last patch puts back the wrapper of the one before it
+    installed = {p: get_module(model, p) for p in paths}
+    result.handles[-1].revert()
+    result.handles.pop()
+    assert all(get_module(model, p) is not installed[p] for p in paths)
+    assert all(get_module(model, p).state_id == patches[1].patch_id for p in paths)
+    revert_all(model)
+    result.handles.clear()
+    assert all(get_module(model, p) is originals[p] for p in paths)
+    assert torch.equal(logits(model, tok), before)
+    assert state_fingerprint(model) == fingerprints
+
+    # the final patch alone, from its file, on a fresh copy of the unedited model
+    path = patches[-1].save(tmp_path / "final.kedit.safetensors")
+    fresh, _ = tiny_model(family)
+    with Patch.load(path).applied(fresh):
+        assert torch.equal(logits(fresh, tok), edited)
+    assert torch.equal(logits(fresh, tok), before)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_compute_patch_leaves_an_applied_wrapper_in_place(registry, name):
+    model, tok = tiny_model("llama")
+    method = registry.method(name)
+    hp = method.load_hparams(TINY_HPARAMS[name])
+    arch = resolve_architecture(model)
+    reqs = three_requests()
+    first = method.compute_patch(model, tok, reqs[:1], hp, arch, EditContext())
+    with first.applied(model):
+        wrappers = {p: get_module(model, p) for p in wrapped_paths(first)}
+        state = state_fingerprint(model)
+        second = method.compute_patch(model, tok, reqs[1:2], hp, arch, EditContext())
+        assert {p: get_module(model, p) for p in wrappers} == wrappers
+        assert state_fingerprint(model) == state
+        assert second.metadata["extra"]["supersedes"] == first.patch_id
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_attach_validates_before_touching_the_model(registry, name):
+    model, tok = tiny_model("gemma3")
+    method = registry.method(name)
+    patch = method.compute_patch(model, tok, three_requests()[:1], method.load_hparams(TINY_HPARAMS[name]),
+                                 resolve_architecture(model), EditContext())
+    modules = {p: get_module(model, p) for p in wrapped_paths(patch)}
+    dropped = Patch({k: v for k, v in patch.tensors.items() if not k.endswith(("/radii", "/lora_b"))}, dict(patch.metadata))
+    dropped.metadata["patch_id"] = dropped.content_id()
+    bad_shape = Patch({k: (v[..., :-1] if k.endswith(("/keys", "/lora_a")) else v) for k, v in patch.tensors.items()},
+                      dict(patch.metadata))
+    bad_shape.metadata["patch_id"] = bad_shape.content_id()
+    for broken in (dropped, bad_shape):
+        with pytest.raises(PatchError):
+            broken.apply(model)
+        assert {p: get_module(model, p) for p in modules} == modules
+
+
+def test_independent_patches_nest_instead_of_superseding(registry):
+    """Two GRACE patches computed on the unedited model both stay in force when stacked."""
+    model, tok = tiny_model("llama")
+    method = registry.method("grace")
+    hp = method.load_hparams(TINY_HPARAMS["grace"])
+    arch = resolve_architecture(model)
+    reqs = three_requests()
+    a = method.compute_patch(model, tok, reqs[:1], hp, arch, EditContext())
+    b = method.compute_patch(model, tok, reqs[2:3], hp, arch, EditContext())
+    with a.applied(model):
+        only_a = logits(model, tok)
+    with a.applied(model), b.applied(model):
+        path = wrapped_paths(b)[0]
+        outer = get_module(model, path)
+        assert outer.base.state_id == a.patch_id
+        both = logits(model, tok)
+    with b.applied(model):
+        only_b = logits(model, tok)
+    # requests 0 and 2 sit in rows 0 and 4 of the probe batch: each keeps its own patch's answer
+    assert torch.equal(both[0], only_a[0]) and torch.equal(both[4], only_b[4])
