@@ -15,7 +15,7 @@ $(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml
 	# the CPU build of torch first (from this machine's disk); later requirements then install nothing more
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# compat editable mode: the source dirs go on sys.path, so running from the repo root finds the real packages
-	$(BIN)/python -m pip install -q --config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis
+	$(BIN)/python -m pip install -q --config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis "setuptools>=68"
 	touch $@
 
 install: $(BIN)/.installed

@@ -36,3 +36,6 @@ def gemma():
     from kedit_core.models import load_model
 
     return load_model("gemma3-270m")
+
+# the editor template is tested by rendering and installing it (tests/test_template.py), not in place
+collect_ignore = ["plugins/template", "benchmarks"]

@@ -1,0 +1,3 @@
+"""kedit-example: a template editor plugin."""
+
+__version__ = "0.1.0"
