@@ -107,3 +107,36 @@ def test_wrapper_keeps_parameter_paths_and_follows_device_moves():
         assert layer.weight.dtype == torch.float64 and adaptor.values.dtype == torch.float64
     finally:
         uninstall()
+
+
+def test_grace_hit_keeps_answering_during_cached_generation():
+    from kedit_grace.codebook import DecodingState
+
+    model, tok = tiny_model("llama")
+    arch = resolve_architecture(model)
+    path = arch.layer_path(2, arch.mlp_out)
+    layer = get_module(model, path)
+    ids, mask, lens = encode_prompts(tok, [PROMPT])
+    key = inputs_at(model, layer, ids, mask, [lens[0] - 1])
+    value = torch.full((1, layer.weight.shape[0]), 3.0)
+    adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean")
+    adaptor.decoding = DecodingState().attach(model)
+    uninstall = install(model, {path: adaptor})
+    outputs = []
+    handle = adaptor.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        far_ids, far_mask, _ = encode_prompts(tok, [FAR])
+        with torch.no_grad():
+            model.generate(input_ids=far_ids, attention_mask=far_mask, max_new_tokens=2, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+        uninstall()
+        adaptor.decoding.detach()
+    first, *steps = outputs[:3]
+    assert torch.equal(first[0, -1], value[0]) and first.shape[1] == lens[0]
+    assert all(s.shape[1] == 1 and torch.equal(s[0, 0], value[0]) for s in steps)
+    assert not any(torch.equal(o[0, -1], value[0]) for o in outputs[3:])  # a new prompt starts fresh

@@ -46,19 +46,24 @@ def route(
     radii: torch.Tensor,
     metric: Metric,
     mask: torch.Tensor | None = None,
+    carry: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, T]`` index of the active entry at each position (``-1``: defer to the layer).
 
     ``queries`` is ``[B, T, D]`` (or ``[T, D]``); ``mask`` (``[B, T]``, 1 = real token) keeps
-    padding from hitting an entry.
+    padding from hitting an entry; ``carry`` (``[B]``) is the entry active at the end of the
+    previous forward when this one continues the same sequences (cached decoding).
     """
     squeeze = queries.ndim == 2
     if squeeze:
         queries = queries.unsqueeze(0)
     b, t, dim = queries.shape
     device = queries.device
+    before = torch.full((b, 1), -1, dtype=torch.long, device=device)
+    if carry is not None and carry.shape[0] == b:
+        before = carry.to(device).long().view(b, 1)
     if keys.shape[0] == 0:
-        active = torch.full((b, t), -1, dtype=torch.long, device=device)
+        active = before.expand(b, t).clone()
         return active[0] if squeeze else active
     dist, idx = nearest(queries.reshape(b * t, dim).detach(), keys, metric)
     hit = (dist <= radii.to(device).float()[idx]).view(b, t)
@@ -67,8 +72,44 @@ def route(
         hit = hit & mask.to(device).bool()
     positions = torch.arange(t, device=device).expand(b, t)
     last_hit = torch.where(hit, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-    active = torch.where(last_hit >= 0, idx.gather(1, last_hit.clamp(min=0)), torch.full_like(idx, -1))
+    active = torch.where(last_hit >= 0, idx.gather(1, last_hit.clamp(min=0)), before.expand(b, t))
     return active[0] if squeeze else active
+
+
+class DecodingState:
+    """Carries each sequence's active entry from one forward to the next while a model generates
+    from its key-value cache: the entry hit at the prompt's last token keeps answering for the
+    tokens generated one call at a time (the teacher-forced forward gets the same by :func:`route`).
+
+    A pre-hook on the model's decoder stack tells a continuing call (non-empty cache) from a new one.
+    """
+
+    def __init__(self) -> None:
+        self.continuing = False
+        self.last: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.continuing = int(seen) > 0
+
+    def attach(self, model: torch.nn.Module) -> DecodingState:
+        self._handle = getattr(model, "base_model", model).register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def carry(self, batch: int) -> torch.Tensor | None:
+        if self.continuing and self.last is not None and self.last.shape[0] == batch:
+            return self.last
+        return None
+
+    def update(self, active: torch.Tensor) -> None:
+        self.last = (active if active.ndim == 2 else active.unsqueeze(0))[:, -1].detach()
 
 
 class Growable:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codebook import Metric, route
+from ..codebook import DecodingState, Metric, route
 from ..wrapping import ModuleWrapper
 
 
@@ -40,6 +40,8 @@ class GraceAdaptor(ModuleWrapper):
         self.metric: Metric = metric
         #: while a value is optimized: ``(row, tensor)`` substituted for ``values[row]``
         self.trainable: tuple[int, torch.Tensor] | None = None
+        #: set when attached to a model: carries hits across cached generation steps
+        self.decoding: DecodingState | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -56,7 +58,11 @@ class GraceAdaptor(ModuleWrapper):
         out = self.base(x, *args, **kwargs)
         if len(self) == 0:
             return out
-        active = route(x, self.keys, self.radii, self.metric)
+        batch = x.shape[0] if x.ndim == 3 else 1
+        carry = self.decoding.carry(batch) if self.decoding is not None else None
+        active = route(x, self.keys, self.radii, self.metric, carry=carry)
+        if self.decoding is not None:
+            self.decoding.update(active)
         if not bool((active >= 0).any()):
             return out
         picked = self.value_table()[active.clamp(min=0)].to(out.dtype)

@@ -23,7 +23,7 @@ from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 
 from .. import __version__
-from ..codebook import TailCache
+from ..codebook import DecodingState, TailCache
 from ..fit import fit_targets
 from ..prefix import inputs_at
 from ..wrapping import install, replace_module, unwrap_base
@@ -168,7 +168,14 @@ class GRACE(EditMethod):
         adaptor = GraceAdaptor(unwrap_base(current, GraceAdaptor, extra.get("supersedes", "")),
                                keys.to(device), values.to(device), radii.to(device), labels, metric,
                                state_id=patch.patch_id)
-        return install(model, {path: adaptor})
+        adaptor.decoding = DecodingState().attach(model)
+        uninstall = install(model, {path: adaptor})
+
+        def detach() -> None:
+            uninstall()
+            adaptor.decoding.detach()
+
+        return detach
 
 
 def codebook_summary(model, path: str) -> dict[str, Any]:

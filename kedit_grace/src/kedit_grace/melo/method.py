@@ -232,7 +232,7 @@ class MELO(EditMethod):
                                    float(extra["scale"]), router, state_id=pid)
             wrappers[p].members = members
         uninstall = install(model, wrappers)
-        router.attach_to(get_module(model, router_path))
+        router.attach_to(get_module(model, router_path), model)
         for old in old_routers:
             old.enabled = False
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codebook import Metric, route
+from ..codebook import DecodingState, Metric, route
 from ..prefix import module_input
 
 
@@ -33,25 +33,37 @@ class MeloRouter:
         self.enabled = True
         self.active: torch.Tensor | None = None
         self._handle: Any = None
+        #: set when attached to a model: carries routing across cached generation steps
+        self.decoding: DecodingState | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
     def compute(self, hidden: torch.Tensor) -> torch.Tensor:
-        entries = route(hidden, self.keys, self.radii, self.metric)
+        batch = hidden.shape[0] if hidden.ndim == 3 else 1
+        carry = self.decoding.carry(batch) if self.decoding is not None else None
+        entries = route(hidden, self.keys, self.radii, self.metric, carry=carry)
+        if self.decoding is not None:
+            self.decoding.update(entries)
         blocks = self.blocks.to(entries.device)
         return torch.where(entries >= 0, blocks[entries.clamp(min=0)], torch.full_like(entries, -1))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.active = self.compute(module_input(args, kwargs)) if self.enabled and len(self) else None
 
-    def attach_to(self, module: nn.Module) -> None:
+    def attach_to(self, module: nn.Module, model: nn.Module | None = None) -> None:
+        """Route on ``module``'s input; with ``model``, also follow cached generation."""
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        if model is not None:
+            self.decoding = DecodingState().attach(model)
 
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self.decoding is not None:
+            self.decoding.detach()
+            self.decoding = None
         self.active = None
 
     def to(self, device: torch.device) -> MeloRouter:
