@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from kedit_core.editor import Editor
 from kedit_core.request import load_requests
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kedit_core.ops.tokens import encode_pairs
 from kedit_core.request import EditRequest
 from kedit_core.testing import tiny_requests

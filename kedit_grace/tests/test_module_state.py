@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from helpers import TINY_HPARAMS, UNRELATED, logits, three_requests
 from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.editor import Editor
 from kedit_core.errors import PatchError
@@ -13,8 +13,6 @@ from kedit_core.method import EditContext
 from kedit_core.patch import Patch, revert_all
 from kedit_core.plugins import Registry
 from kedit_core.testing import state_fingerprint, tiny_model
-
-from helpers import TINY_HPARAMS, UNRELATED, logits, three_requests
 
 METHODS = ("grace", "melo")
 

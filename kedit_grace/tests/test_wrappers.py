@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.ops.tokens import encode_pairs, encode_prompts
 from kedit_core.testing import tiny_model

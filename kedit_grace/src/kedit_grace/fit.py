@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.tokens import encode_pairs
+from torch import nn
 
 from .prefix import replay_prefix
 
@@ -58,7 +57,7 @@ def fit_targets(
             if (acc == 1.0 and loss_value < stop_loss) or step == max_steps:
                 break
             grads = torch.autograd.grad(loss, params)
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
     for p in params:

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import final_hidden
+from torch import nn
 
 
 class _Stop(Exception):

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
-
 from kedit_core.architecture import get_module
 from kedit_core.errors import PatchError
+from torch import nn
 
 
 class ModuleWrapper(nn.Module):
@@ -70,7 +69,7 @@ def install(model: nn.Module, wrappers: dict[str, nn.Module]) -> Callable[[], No
         raise
 
     def uninstall() -> None:
-        for path, old in previous.items():
+        for path in previous:
             current = get_module(model, path)
             if current is not wrappers[path]:
                 raise PatchError(f"module {path!r} was replaced by something else since the patch was applied")

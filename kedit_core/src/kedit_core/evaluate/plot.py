@@ -59,7 +59,7 @@ def plot_sequential(results: Sequence[tuple[str, Any]], path: str | Path,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], metrics):
+    for ax, name in zip(axes[0], metrics, strict=True):
         for k, (label, result) in enumerate(results):
             curve = running_curves(result, [name])[name]
             xs = [i + 1 for i, v in enumerate(curve) if v is not None]

@@ -11,8 +11,6 @@ import logging
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
-
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
 from kedit_core.errors import KeditError, PatchError
 from kedit_core.hparams import Hyperparams
@@ -21,6 +19,7 @@ from kedit_core.ops.logits import model_device
 from kedit_core.ops.tokens import encode_prompts
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import Field
 
 from .. import __version__
 from ..codebook import DecodingState, TailCache

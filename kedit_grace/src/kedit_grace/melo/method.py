@@ -11,8 +11,6 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
-
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
 from kedit_core.errors import HparamsError, KeditError, PatchError
 from kedit_core.hparams import Hyperparams
@@ -21,6 +19,7 @@ from kedit_core.ops.logits import model_device
 from kedit_core.ops.tokens import encode_prompts
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import Field, model_validator
 
 from .. import __version__
 from ..codebook import TailCache
@@ -108,7 +107,7 @@ class MELO(EditMethod):
                                 start, new_block, train, hparams, router_layer)
         tensors = {f"state/{router_path}/keys": new_keys, f"state/{router_path}/radii": new_radii,
                    f"state/{router_path}/blocks": new_blocks.float()}
-        for path, (a, b) in zip(paths, start):
+        for path, (a, b) in zip(paths, start, strict=True):
             tensors[f"state/{path}/lora_a"] = self._tails.grow(tables[path][0]).append(a.detach()[None])
             tensors[f"state/{path}/lora_b"] = self._tails.grow(tables[path][1]).append(b.detach()[None])
         log.debug("melo %s block %d (%d edits), loss %.4f after %d steps", alloc.action, new_block, len(train), fit.loss, fit.steps)
@@ -169,7 +168,7 @@ class MELO(EditMethod):
                      new_block, train, hparams, router_layer):
         """Install a provisional index and LoRA bank whose ``new_block`` is trainable; fit it."""
         wrappers = {}
-        for p, (a, b) in zip(currents, start):
+        for p, (a, b) in zip(currents, start, strict=True):
             base = existing_base(currents[p], existing)
             w = MeloLoRA(base, tables[p][0], tables[p][1], hparams.scale, router)
             w.trainable = (new_block, a, b)
