@@ -37,6 +37,8 @@ class GraceAdaptor(ModuleWrapper):
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("radii", radii, persistent=False)
         self.labels = list(labels)
+        #: the edit prompts each entry answers (to re-fit a value when its ball expands)
+        self.prompts: list[list[str]] = [[] for _ in labels]
         self.metric: Metric = metric
         #: while a value is optimized: ``(row, tensor)`` substituted for ``values[row]``
         self.trainable: tuple[int, torch.Tensor] | None = None

@@ -4,7 +4,7 @@ For a new edit with key ``h`` and label ``y``, nearest entry ``i`` at distance `
 
 - **add**     if the codebook is empty or ``d > eps_i + eps_init``: new entry ``(h, v, eps_init, y)``;
 - **expand**  if the balls overlap and ``y_i == y``: ``eps_i <- max(eps_i, d)`` (same answer: grow the
-  ball to cover the new input; its value is tuned on the new input);
+  ball to cover the new input -- with a relative margin of 1e-3; its value is tuned on the new input);
 - **split**   if the balls overlap and ``y_i != y``: ``eps_i <- min(eps_i, d/2)`` and a new entry
   ``(h, v, min(eps_init, d/2), y)`` (the two balls no longer overlap);
 - **replace** (``d == 0``, the same input again with another answer): the newer edit wins.
@@ -23,6 +23,9 @@ Action = Literal["add", "expand", "split", "replace"]
 
 #: distances below this count as the same key
 SAME_KEY = 1e-6
+#: an expanded ball reaches a little past the new input, so that the input is not left on the
+#: boundary, where the rounding of another forward (a padded batch) could put it outside
+EXPAND_MARGIN = 1e-3
 
 
 @dataclass
@@ -60,7 +63,7 @@ def update_codebook(
         labels[i] = label
         return CodebookUpdate("replace", i, radii, labels, None, d)
     if labels[i] == label:
-        radii[i] = max(float(radii[i]), d)
+        radii[i] = max(float(radii[i]), d * (1 + EXPAND_MARGIN))
         return CodebookUpdate("expand", i, radii, labels, None, d)
     half = d / 2
     radii[i] = min(float(radii[i]), half)

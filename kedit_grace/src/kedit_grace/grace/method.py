@@ -72,19 +72,25 @@ class GRACE(EditMethod):
         current = get_module(model, path)
         existing = current if isinstance(current, GraceAdaptor) else None
         keys, values, radii, labels = self._current_codebook(model, arch, param, existing)
+        prompts = [list(p) for p in existing.prompts] if existing is not None else []
         device = model_device(model)
         ids, mask, lens = encode_prompts(tokenizer, [request.prompt], device)
         key = inputs_at(model, current, ids, mask, [lens[0] - 1])[0].float()
         upd = update_codebook(keys, radii, labels, key, request.target_new, hparams.eps_init, hparams.metric)
         new_keys = self._tails.grow(keys).append(key[None]) if upd.new_key is not None else keys
+        if upd.row == len(prompts):
+            prompts.append([request.prompt])
+        else:  # expand: the entry now answers its earlier prompts and this one; replace: this one only
+            prompts[upd.row] = [*prompts[upd.row], request.prompt] if upd.action == "expand" else [request.prompt]
         base = existing.base if existing is not None else current
         if upd.row < values.shape[0]:
             start = values[upd.row].clone()
         else:
             with torch.no_grad():
                 start = base(key[None].to(get_parameter(model, param).dtype))[0].float()
-        value, fit = self._optimize_value(model, tokenizer, arch, request, hparams, path, current, base,
-                                          new_keys, values, upd.radii.to(device), upd.labels, upd.row, start)
+        value, fit = self._optimize_value(model, tokenizer, arch, prompts[upd.row], request.target_new, hparams,
+                                          path, current, base, new_keys, values, upd.radii.to(device), upd.labels,
+                                          upd.row, start)
         if upd.row == values.shape[0]:
             new_values = self._tails.grow(values).append(value[None])
         else:
@@ -98,7 +104,7 @@ class GRACE(EditMethod):
             hparams=hparams.to_dict(), requests=[request.model_dump(mode="json")],
             plugin="kedit-grace", plugin_version=__version__, modules=[path], fingerprint_params=[param],
             extra={
-                "labels": upd.labels, "metric": hparams.metric,
+                "labels": upd.labels, "prompts": prompts, "metric": hparams.metric,
                 "supersedes": existing.state_id if existing is not None else "",
                 "action": upd.action, "entry": upd.row, "entries": len(upd.labels),
                 "fit": {"steps": fit.steps, "loss": fit.loss, "accuracy": fit.accuracy},
@@ -114,16 +120,17 @@ class GRACE(EditMethod):
         return (torch.zeros(0, in_dim, device=device), torch.zeros(0, out_dim, device=device),
                 torch.zeros(0, device=device), [])
 
-    def _optimize_value(self, model, tokenizer, arch, request, hparams, path, current, base,
+    def _optimize_value(self, model, tokenizer, arch, prompts, label, hparams, path, current, base,
                         keys, values, radii, labels, row, start):
-        """Install a provisional adaptor whose entry ``row`` is a free tensor and fit it."""
+        """Install a provisional adaptor whose entry ``row`` is a free tensor; fit it so that every
+        prompt the entry answers gets ``label``."""
         table = values if row < values.shape[0] else torch.cat([values, start[None]])
         value = start.detach().clone().requires_grad_(True)
         adaptor = GraceAdaptor(base, keys, table, radii, labels, hparams.metric)
         adaptor.trainable = (row, value)
         replace_module(model, path, adaptor)
         try:
-            fit = fit_targets(model, tokenizer, arch, [request.prompt], [request.target_new], [value],
+            fit = fit_targets(model, tokenizer, arch, prompts, [label] * len(prompts), [value],
                               first_layer=hparams.layer % arch.num_layers(model), lr=hparams.lr,
                               max_steps=hparams.max_steps, stop_loss=hparams.stop_loss)
         finally:
@@ -149,8 +156,11 @@ class GRACE(EditMethod):
         if keys.ndim != 2 or values.ndim != 2 or radii.ndim != 1 or values.shape[0] != n or radii.shape[0] != n:
             raise PatchError(f"grace patch {patch.patch_id}: codebook shapes disagree "
                              f"(keys {tuple(keys.shape)}, values {tuple(values.shape)}, radii {tuple(radii.shape)})")
+        prompts = extra.get("prompts", [[] for _ in range(n)])
         if not isinstance(labels, list) or len(labels) != n or metric not in ("euclidean", "cosine"):
             raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs {n} labels and a metric")
+        if not isinstance(prompts, list) or len(prompts) != n:
+            raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs the prompts of {n} entries")
         current = get_module(model, path)
         params = list(meta["fingerprints"])
         if len(params) != 1:
@@ -167,6 +177,7 @@ class GRACE(EditMethod):
         adaptor = GraceAdaptor(unwrap_base(current, GraceAdaptor, extra.get("supersedes", "")),
                                keys.to(device), values.to(device), radii.to(device), labels, metric,
                                state_id=patch.patch_id)
+        adaptor.prompts = prompts
         adaptor.decoding = DecodingState().attach(model)
         uninstall = install(model, {path: adaptor})
 
