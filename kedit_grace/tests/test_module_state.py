@@ -119,3 +119,20 @@ def test_independent_patches_nest_instead_of_superseding(registry):
         only_b = logits(model, tok)
     # requests 0 and 2 sit in rows 0 and 4 of the probe batch: each keeps its own patch's answer
     assert torch.equal(both[0], only_a[0]) and torch.equal(both[4], only_b[4])
+
+
+def test_grace_expand_refits_the_entry_on_all_its_prompts(registry):
+    model, tok = tiny_model("llama")
+    method = registry.method("grace")
+    hp = method.load_hparams({**TINY_HPARAMS["grace"], "eps_init": 10.0})
+    arch = resolve_architecture(model)
+    first, third = three_requests()[0], three_requests()[2]
+    same_answer = third.model_copy(update={"target_new": first.target_new})
+    a = method.compute_patch(model, tok, [first], hp, arch, EditContext())
+    with a.applied(model):
+        b = method.compute_patch(model, tok, [same_answer], hp, arch, EditContext())
+    extra = b.metadata["extra"]
+    assert extra["action"] == "expand" and extra["entries"] == 1
+    assert extra["prompts"] == [[first.prompt, same_answer.prompt]]
+    with b.applied(model):
+        assert len(get_module(model, wrapped_paths(b)[0])) == 1
