@@ -16,6 +16,7 @@ last memory removes the hook and the ``generate`` attribute: the model is as it 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class MemoryRouter:
             res = module(input_ids=torch.tensor([ctx], device=out.device), use_cache=True)
             if len(memory.kv) >= KV_CACHE_EDITS:
                 memory.kv.pop(next(iter(memory.kv)))
-            memory.kv[e] = (res.past_key_values, res.last_hidden_state[0, -1])
+            memory.kv[e] = (_output_cache(res), res.last_hidden_state[0, -1])
         cache, last = memory.kv[e]
         skips = [int(self._strip_bos(ctx, rows[i])) for i in idx]
         bodies = [rows[i][s:] for i, s in zip(idx, skips)]
@@ -163,8 +164,8 @@ class MemoryRouter:
             kv = copy.deepcopy(cache)
             kv.batch_repeat_interleave(len(idx))
             attn = torch.cat([torch.ones(len(idx), len(ctx), dtype=m.dtype), m], dim=1)
-            res = module(input_ids=ids.to(out.device), attention_mask=attn.to(out.device), past_key_values=kv,
-                         use_cache=True, cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device))
+            res = module(input_ids=ids.to(out.device), attention_mask=attn.to(out.device), use_cache=True,
+                         cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device), **{_cache_kw(module): kv})
             hid = res.last_hidden_state
         for j, (i, skip) in enumerate(zip(idx, skips)):
             dst = mask[i].bool().nonzero()[:, 0].to(out.device)
@@ -214,6 +215,16 @@ class MemoryRouter:
             return (new_hidden, *output[1:])
         output["last_hidden_state"] = new_hidden
         return output
+
+
+def _cache_kw(module: nn.Module) -> str:
+    """The keyword a base model takes its KV cache by (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
