@@ -143,3 +143,16 @@ def test_layers_restrict_the_search(tiny):
     literal = KN().compute_patch(model, tok, tiny_requests()[:1], hp.updated(sign_by_activation=False), arch, EditContext())
     assert (literal.deltas()[arch.mlp_out_param(2)].abs() - patch.deltas()[arch.mlp_out_param(2)].abs()).abs().max() < 1e-6
     assert get_parameter(model, arch.mlp_out_param(2)).shape == patch.deltas()[arch.mlp_out_param(2)].shape
+
+
+def test_prefix_cache_gives_the_same_attributions(tiny, monkeypatch):
+    """Running only the last token over a cached prefix is exact (a causal model)."""
+    from kedit_rome.kn import attribution
+
+    model, tok = tiny
+    arch = resolve_architecture(model)
+    ids = tok(PROMPT)["input_ids"]
+    cached = integrated_gradients(model, arch, ids, 9, [0, 3], steps=4)
+    monkeypatch.setattr(attribution, "prefix_cache", lambda *args: None)
+    full = integrated_gradients(model, arch, ids, 9, [0, 3], steps=4)
+    assert torch.allclose(cached, full, rtol=1e-4, atol=1e-10)

@@ -33,13 +33,18 @@ def test_embedding_std_is_measured_after_gemma_scaling(gemma):
 
 def test_trace_the_eiffel_tower(gemma, tmp_path):
     model, tok, _ = gemma
-    res = causal_trace(model, tok, PROMPT, SUBJECT, kind="hidden", samples=2)
+    res = causal_trace(model, tok, PROMPT, SUBJECT, kind="hidden", samples=1)
     assert res.answer.strip() == "Paris" and res.clean_prob > 0.3
     assert res.corrupted_prob < 0.5 * res.clean_prob  # the noise destroys the fact
     assert res.scores[-1][-1] == pytest.approx(res.clean_prob, rel=1e-3)
-    # the subject's last token carries the fact in early/middle layers
-    last = res.subject_range[1] - 1
-    assert max(res.effect[last][:9]) > 0.25 * (res.clean_prob - res.corrupted_prob)
+    # the subject tokens carry the fact through the early/middle layers, the last token from there on
+    gap = res.clean_prob - res.corrupted_prob
+    s0, s1 = res.subject_range
+    subject_rows = res.effect[s0:s1]
+    assert max(max(row[:12]) for row in subject_rows) > 0.25 * gap
+    assert max(max(row[13:]) for row in subject_rows) < 0.05 * gap
+    assert max(res.effect[-1][13:]) > 0.5 * gap
+    last = s1 - 1
     paths = save_trace(res, tmp_path / "eiffel")
     assert json.loads(paths["json"].read_text())["tokens"][last].strip() == "Tower"
     assert paths["png"].stat().st_size > 1000
@@ -59,8 +64,9 @@ def test_restoring_the_subject_at_layer_zero_is_exact(gemma):
 
 def test_mlp_profile_at_the_subject_last_token(gemma):
     model, tok, _ = gemma
-    facts = [(PROMPT, SUBJECT, "Paris"), ("Toyota is a company headquartered in", "Toyota", "Japan")]
+    facts = [("Bernard Giraudeau is a native speaker of", "Bernard Giraudeau", "French")]
     prof = subject_last_profile(model, tok, facts, kind="mlp", window=4, samples=2)
     assert len(prof.mean_effect) == 18
-    assert max(prof.mean_effect) > 0
     assert all(f["clean_prob"] > f["corrupted_prob"] for f in prof.per_fact)
+    # the early-site MLPs (layers 2-6) matter, the last ones do not
+    assert max(prof.mean_effect[2:7]) > 0.1 and max(prof.mean_effect[14:]) < 0.05

@@ -10,6 +10,10 @@ where ``P_x(w_hat)`` is the probability of the correct answer when the layer's n
 ``w_hat``. All neurons of a layer are scaled together (the gradient of Eq. 3 is taken for the
 whole layer at once). One batched forward/backward covers many (layer, step) rows: row ``(l, k)``
 replaces the layer-``l`` activation by ``k/m * w_bar^(l)`` and leaves the other layers alone.
+
+Only the last position is intervened on, and in a causal model the earlier positions do not see it:
+their keys and values are computed once (a KV cache of the prompt's prefix, repeated over the
+rows), and each row runs the last token alone -- about ``T`` times less work than full rows.
 """
 
 from __future__ import annotations
@@ -64,6 +68,26 @@ def integrated_gradients(
     return base * torch.cat(grads)
 
 
+@torch.no_grad()
+def prefix_cache(model: nn.Module, ids: list[int], rows: int) -> Any:
+    """KV cache of ``ids[:-1]`` repeated ``rows`` times (``None`` for a one-token prompt)."""
+    if len(ids) < 2:
+        return None
+    x = torch.tensor(ids[:-1], device=model_device(model))[None]
+    out = model.base_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``cache=`` where the model's forward takes it (transformers 5), else ``past_key_values=``."""
+    import inspect
+
+    params = inspect.signature(model.base_model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def _mean_gradients(model, arch, ids, answer_id, layers, base, alphas) -> torch.Tensor:
     """Mean over k of dP/dw at ``alpha_k * w_bar`` for each layer of the group: ``[len(layers), d_ff]``."""
     steps = len(alphas)
@@ -80,11 +104,17 @@ def _mean_gradients(model, arch, ids, answer_id, layers, base, alphas) -> torch.
 
         return hook
 
+    rows = len(layers) * steps
+    cache = prefix_cache(model, ids, rows)
     handles = [arch.module(model, layer, arch.mlp_out).register_forward_pre_hook(replace(i)) for i, layer in enumerate(layers)]
     try:
-        x = torch.tensor(ids, device=device)[None].expand(len(layers) * steps, -1)
+        x = torch.tensor(ids if cache is None else ids[-1:], device=device)[None].expand(rows, -1)
+        mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
         with torch.enable_grad():
-            hidden = final_hidden(model, x, torch.ones_like(x))[:, -1]
+            if cache is None:
+                hidden = final_hidden(model, x, mask)[:, -1]
+            else:
+                hidden = model.base_model(input_ids=x, attention_mask=mask, **_cache_kwarg(model, cache), use_cache=True).last_hidden_state[:, -1]
             prob = torch.softmax(head_logits(model, hidden).float(), -1)[:, answer_id]
             (grad,) = torch.autograd.grad(prob.sum(), scaled)
     finally:

@@ -4,14 +4,32 @@ standard deviation of the embeddings over the vocabulary."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from kedit_core.architecture import ArchitectureSpec, get_module
 
 
-@torch.no_grad()
+#: sigma per embedding module, with the weight's version counter it was measured at
+_SIGMA: weakref.WeakKeyDictionary[nn.Module, tuple[int, float]] = weakref.WeakKeyDictionary()
+
+
 def embedding_std(model: nn.Module, arch: ArchitectureSpec, chunk: int = 16384) -> float:
+    """sigma for ``model``, remembered per embedding module until its weight changes."""
+    embed = get_module(model, arch.embed)
+    version = model.get_input_embeddings().weight._version
+    cached = _SIGMA.get(embed)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    sigma = measure_embedding_std(model, arch, chunk)
+    _SIGMA[embed] = (version, sigma)
+    return sigma
+
+
+@torch.no_grad()
+def measure_embedding_std(model: nn.Module, arch: ArchitectureSpec, chunk: int = 16384) -> float:
     """sigma: std of the embedding module's *output* over every vocabulary entry.
 
     The module's output is used, not its weight, so models that scale embeddings inside the module
