@@ -5,6 +5,13 @@ from kedit_core.hookspecs import hookimpl
 
 @hookimpl
 def register_methods(register):
+    from .memit import MEMIT
+    from .pmet import PMET
+    from .rome import ROME
+
+    register(ROME)
+    register(MEMIT)
+    register(PMET)
     from .kn import KN
 
     register(KN)

@@ -42,6 +42,31 @@ def subject_positions(tokenizer: Any, texts: Sequence[str], subjects: Sequence[s
 
 
 @torch.no_grad()
+def module_inputs_outputs_at(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    positions: Sequence[int],
+    module_path: str,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both the input and the output of ``module_path`` at ``positions[i]`` of ``texts[i]``, one pass."""
+    device = model_device(model)
+    module = get_module(model, module_path)
+    ins, outs = [], []
+    for lo in range(0, len(texts), batch_size):
+        chunk = list(texts[lo : lo + batch_size])
+        ids, mask, _ = encode_prompts(tokenizer, chunk, device)
+        with capture(module, "input") as i_store, capture(module, "output") as o_store:
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        idx = torch.tensor(positions[lo : lo + batch_size], device=device)
+        rows = torch.arange(len(chunk), device=device)
+        ins.append(i_store[0][rows, idx])
+        outs.append(o_store[0][rows, idx])
+    return torch.cat(ins, 0), torch.cat(outs, 0)
+
+
+@torch.no_grad()
 def module_io_at(
     model: nn.Module,
     tokenizer: Any,
@@ -89,3 +114,23 @@ def compute_keys(
     pos = subject_positions(tokenizer, texts, subs)
     keys = module_io_at(model, tokenizer, texts, pos, arch.layer_path(layer, arch.mlp_out), "input")
     return keys.reshape(len(prompts), len(templates), -1).mean(1)
+
+
+def compute_keys_values(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchitectureSpec,
+    layer: int,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    templates: Sequence[str] = ("{}",),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Template-averaged keys ``[N, d_in]`` and the down-projection outputs ``[N, d_out]`` with them."""
+    texts, subs = [], []
+    for prompt, subject in zip(prompts, subjects, strict=True):
+        texts.extend(fill_templates(templates, prompt))
+        subs.extend([subject] * len(templates))
+    pos = subject_positions(tokenizer, texts, subs)
+    k, v = module_inputs_outputs_at(model, tokenizer, texts, pos, arch.layer_path(layer, arch.mlp_out))
+    n, t = len(prompts), len(templates)
+    return k.reshape(n, t, -1).mean(1), v.reshape(n, t, -1).mean(1)

@@ -34,9 +34,13 @@ def rank_one_update(second_moment: torch.Tensor, key: torch.Tensor, residual: to
 
 
 def batched_least_squares(second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
-                          weight: float) -> torch.Tensor:
-    """``Delta [d_out, d_in] = R K^T (weight * C + K K^T)^-1`` for ``keys [d_in, n]``, ``residuals [d_out, n]``."""
+                          weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(R [d_out, n], A^T [n, d_in])`` of ``Delta = R K^T (weight * C + K K^T)^-1``.
+
+    ``keys [d_in, n]``, ``residuals [d_out, n]``; ``A = (weight C + K K^T)^-1 K`` (the system is
+    symmetric, so ``K^T (.)^-1 = A^T``). Multiply the factors for the dense update.
+    """
     c = second_moment.double()
     k = keys.double()
-    adj = torch.linalg.solve(weight * c + k @ k.T, k)   # (lambda C + K K^T)^-1 K, symmetric system
-    return (residuals.double() @ adj.T).to(keys.dtype)
+    adj = torch.linalg.solve(weight * c + k @ k.T, k)
+    return residuals.to(keys.dtype), adj.T.to(keys.dtype).contiguous()

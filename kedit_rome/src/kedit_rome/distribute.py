@@ -1,0 +1,68 @@
+"""The per-layer loop shared by MEMIT and PMET (MEMIT Alg. 1, lines 6-13).
+
+For each critical layer ``l_i`` (ascending): re-measure what is still missing at the target site,
+``z - h``; take this layer's share (:func:`kedit_rome.spread.share`), map it to an MLP-output
+change through the post-MLP norm if the architecture has one (:func:`kedit_rome.spread.residual_to_mlp_output`);
+solve the batched least squares with this layer's keys and second moment; apply the update so the
+next layer sees it. The updates are removed again before returning (bit-exact, from saved copies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.ops.keys import compute_keys_values, module_io_at, subject_positions
+from kedit_core.ops.least_squares import batched_least_squares
+from kedit_core.request import EditRequest
+
+from .common import lowrank_or_dense
+from .spread import residual_to_mlp_output, share
+
+log = logging.getLogger(__name__)
+
+
+def distribute(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchitectureSpec,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    layers: Sequence[int],
+    stats: dict[int, torch.Tensor],
+    z: torch.Tensor,
+    target_site: str,
+    weight: float,
+) -> dict[str, torch.Tensor]:
+    """Patch tensors of the updates that move ``target_site``'s output toward ``z`` [n, d]."""
+    prompts = [r.prompt for r in requests]
+    subjects = [r.subject for r in requests]
+    lookup = subject_positions(tokenizer, prompts, subjects)
+    saved: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        for i, layer in enumerate(layers):
+            current = module_io_at(model, tokenizer, prompts, lookup, target_site, "output")
+            r = share(z - current, len(layers) - i)
+            keys, values = compute_keys_values(model, tokenizer, arch, layer, prompts, subjects, templates)
+            norm = arch.module(model, layer, arch.post_mlp_norm) if arch.post_mlp_norm else None
+            resid = residual_to_mlp_output(norm, values, r)
+            a, b = batched_least_squares(stats[layer], keys.T, resid.T, weight)
+            param = arch.mlp_out_param(layer)
+            w = arch.weight(model, param)
+            saved[param] = w.detach().clone()
+            with torch.no_grad():
+                w.add_((a.double() @ b.double()).to(w.dtype))
+            tensors.update(lowrank_or_dense(arch, param, a, b))
+            log.info("layer %d: missing %.3f, update norm %.3f (weight %.3f)", layer,
+                     float((z - current).norm(dim=1).mean()), float((a.double() @ b.double()).norm()), float(saved[param].norm()))
+    finally:
+        with torch.no_grad():
+            for param, original in saved.items():
+                arch.weight(model, param).copy_(original)
+    return tensors

@@ -1,0 +1,219 @@
+"""Unit tests of ROME, MEMIT, PMET and the shared ops on tiny random models."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+import pytest
+import torch
+
+from kedit_core.architecture import resolve_architecture
+from kedit_core.method import EditContext
+from kedit_core.ops.keys import compute_keys
+from kedit_core.ops.least_squares import batched_least_squares, rank_one_update
+from kedit_core.ops.logits import final_hidden
+from kedit_core.ops.prefix import cached_prefix
+from kedit_core.ops.second_moment import StatsSpec, compute_second_moments, second_moments
+from kedit_core.testing import MethodConformance, state_fingerprint, tiny_model, tiny_requests
+
+TINY_VALUE = {"v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mom2_n_tokens": 400,
+              "context_template_length_params": [[4, 2]]}
+
+
+class TestROMEConformance(MethodConformance):
+    method_name = "rome"
+    hparams = {"layers": [1], **TINY_VALUE}
+
+
+class TestMEMITConformance(MethodConformance):
+    method_name = "memit"
+    hparams = {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE}
+
+
+class TestPMETConformance(MethodConformance):
+    method_name = "pmet"
+    hparams = {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE}
+
+
+def _corpus(tmp_path, lines=None):
+    from kedit_core.testing import CORPUS
+
+    path = tmp_path / "corpus.txt.gz"
+    path.write_bytes(gzip.compress("\n".join(lines or CORPUS * 3).encode()))
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_cached_prefix_gives_the_same_logits_and_gradients(family):
+    model, tok = tiny_model(family)
+    arch = resolve_architecture(model)
+    enc = tok(["The Eiffel Tower is in", "Toyota is a company in"], return_tensors="pt", padding=True)
+    site = arch.module(model, 2, arch.mlp_out)
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    handle = site.register_forward_hook(lambda m, a, o: o + delta)
+    try:
+        full = final_hidden(model, enc["input_ids"], enc["attention_mask"])
+        (g_full,) = torch.autograd.grad(full.pow(2).sum(), delta)
+        with cached_prefix(model, arch, 2, enc["input_ids"], enc["attention_mask"]):
+            cached = final_hidden(model, enc["input_ids"], enc["attention_mask"])
+            (g_cached,) = torch.autograd.grad(cached.pow(2).sum(), delta)
+    finally:
+        handle.remove()
+    assert torch.allclose(full, cached, atol=1e-5)
+    assert torch.allclose(g_full, g_cached, rtol=1e-4, atol=1e-5)
+    assert all("forward" not in vars(layer) for layer in arch.layer_list(model))
+
+
+def test_second_moment_matches_direct_computation(tmp_path):
+    model, tok = tiny_model("llama")
+    arch = resolve_architecture(model)
+    spec = StatsSpec("fp", _corpus(tmp_path), sample_tokens=10_000, max_length=32)
+    stats = compute_second_moments(model, tok, arch, [1, 2], spec, progress=False)
+    c, count = stats[1]
+    assert c.shape == (64, 64) and torch.allclose(c, c.T, atol=1e-6)
+    assert torch.linalg.eigvalsh(c.double()).min() > -1e-6
+    from kedit_core.ops.second_moment import _documents, read_corpus
+
+    docs = _documents(tok, read_corpus(spec.corpus), 32, 10_000)
+    assert count == sum(map(len, docs))
+    keys = []
+    hook = arch.module(model, 1, arch.mlp_out).register_forward_hook(lambda m, a, o: keys.append(a[0][0]))
+    try:
+        with torch.no_grad():
+            for d in docs:
+                model(torch.tensor([d]))
+    finally:
+        hook.remove()
+    k = torch.cat(keys).double()
+    assert torch.allclose(c.double(), k.T @ k / k.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_second_moment_is_cached_on_disk_and_reused(tmp_path):
+    model, tok = tiny_model("gemma3")
+    arch = resolve_architecture(model)
+    spec = StatsSpec("fp1", _corpus(tmp_path), sample_tokens=500)
+    first = second_moments(tmp_path / "cache").get(model, tok, arch, [1], spec, progress=False)[1]
+    files = list((tmp_path / "cache" / "stats" / "fp1").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    from kedit_core.ops.second_moment import SecondMoments
+
+    fresh = SecondMoments(tmp_path / "cache")  # a new process: reads the file, computes nothing
+    fresh_model, _ = tiny_model("gemma3", seed=1)  # different weights: a recomputation would differ
+    again = fresh.get(fresh_model, tok, arch, [1], spec, progress=False)[1]
+    assert torch.equal(first, again)
+    other = StatsSpec("fp1", _corpus(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, ["Other text only."] * 20), 500)
+    assert other.path(tmp_path, "m") != spec.path(tmp_path, "m")
+
+
+def test_rank_one_update_writes_the_value_and_spares_orthogonal_keys():
+    torch.manual_seed(0)
+    d_in, d_out = 16, 8
+    k_other = torch.randn(200, d_in)
+    c = k_other.T @ k_other / 200
+    key, resid = torch.randn(d_in), torch.randn(d_out)
+    a, b = rank_one_update(c, key, resid)
+    delta = a @ b
+    assert torch.allclose(delta @ key, resid, atol=1e-4)
+    u = torch.linalg.solve(c, key)
+    ortho = torch.randn(d_in)
+    ortho = ortho - (ortho @ u) / (key @ u) * key  # (C^-1 k*)^T x = 0
+    assert (delta @ ortho).abs().max() < 1e-4
+
+
+def test_batched_least_squares_solves_the_normal_equations():
+    torch.manual_seed(0)
+    c = torch.eye(12) * 0.5
+    keys, resid = torch.randn(12, 5), torch.randn(7, 5)
+    a, b = batched_least_squares(c, keys, resid, weight=2.0)
+    delta = (a @ b).double()
+    lhs = delta @ (2.0 * c.double() + keys.double() @ keys.double().T)
+    assert torch.allclose(lhs, resid.double() @ keys.double().T, atol=1e-6)
+
+
+def test_keys_average_the_templates():
+    model, tok = tiny_model("llama")
+    arch = resolve_architecture(model)
+    req = tiny_requests()[0]
+    both = compute_keys(model, tok, arch, 1, [req.prompt], [req.subject], ["{}", "Hello. {}"])
+    one = compute_keys(model, tok, arch, 1, [req.prompt], [req.subject], ["{}"])
+    two = compute_keys(model, tok, arch, 1, ["Hello. " + req.prompt], [req.subject], ["{}"])
+    assert torch.allclose(both, (one + two) / 2, atol=1e-6)
+
+
+def test_post_mlp_norm_inverse_adds_the_requested_residual():
+    from kedit_rome.spread import residual_to_mlp_output
+
+    model, _ = tiny_model("gemma3")
+    arch = resolve_architecture(model)
+    norm = arch.module(model, 1, arch.post_mlp_norm)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight) * 0.3)
+    torch.manual_seed(0)
+    m = torch.randn(3, 32)
+    # a reachable target: the norm of some other MLP output
+    target = norm(torch.randn(3, 32)).detach()
+    r = target - norm(m).detach()
+    m_new = m + residual_to_mlp_output(norm, m, r)
+    assert torch.allclose(norm(m_new), target, atol=1e-4)
+
+
+def test_rome_patch_is_rank_one_and_small():
+    from kedit_rome.rome import ROME
+
+    model, tok = tiny_model("gemma3")
+    method = ROME()
+    hp = method.load_hparams({"layers": [1], **TINY_VALUE})
+    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model), EditContext(cache_dir=_tmp()))
+    names = sorted(patch.tensors)
+    assert names == [f"lowrank/{resolve_architecture(model).mlp_out_param(1)}/{x}" for x in ("a", "b")]
+    assert patch.tensors[names[0]].shape[1] == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("name", ["rome", "memit", "pmet"])
+def test_edit_raises_the_target_probability(name, family):
+    from kedit_core.evaluate import Evaluator
+    from kedit_core.plugins import Registry
+
+    method = Registry(autoload=True).load().method(name)
+    from kedit_core.request import EditRequest
+
+    model, tok = tiny_model(family)
+    layers = [2] if name == "rome" else [1, 2]
+    hp = method.load_hparams({**TINY_VALUE, "layers": layers, "v_num_grad_steps": 25, "v_lr": 1.0,
+                              "clamp_norm_factor": 1e6, "v_weight_decay": 0.0, "kl_factor": 0.0,
+                              "context_template_length_params": [],
+                              **({} if name == "rome" else {"mom2_update_weight": 1.0})})
+    # random tiny models pass little through attention: put the subject's last token last
+    req = EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris")
+    ev = Evaluator(model, tok)
+    before = ev.score_pairs([(req.prompt, req.target_new)])[0].mean_nll
+    before_state = state_fingerprint(model)
+    patch = method.compute_patch(model, tok, [req], hp, resolve_architecture(model), EditContext(cache_dir=_tmp()))
+    assert state_fingerprint(model) == before_state
+    with patch.applied(model):
+        after = ev.score_pairs([(req.prompt, req.target_new)])[0].mean_nll
+    assert after < before - 0.1
+
+
+def test_context_templates_are_sampled_once_and_cached(tmp_path):
+    from kedit_core.ops.context_templates import context_templates
+
+    model, tok = tiny_model("gpt2")
+    t0 = time.perf_counter()
+    first = context_templates(model, tok, "fp", tmp_path, [(3, 2)])
+    assert first[0] == "{}" and len(first) == 3 and all(t.endswith(". {}") for t in first[1:])
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert context_templates(model, tok, "fp", tmp_path, [(3, 2)]) == first
+    finally:
+        handle.remove()
+    assert not calls and time.perf_counter() - t0 >= 0
+
+
+def _tmp():
+    from kedit_core.testing import temp_dir
+
+    return temp_dir()
