@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kedit_core.architecture import get_parameter, resolve_architecture
 from kedit_core.method import EditContext
 from kedit_core.ops.logits import final_hidden, head_logits
@@ -111,7 +110,7 @@ def test_patch_is_the_value_slot_update(tiny):
     with patch.applied(model):
         for name, w0 in before.items():
             layer = next(i for i in range(arch.num_layers(model)) if arch.mlp_out_param(i) == name)
-            chosen = {i: act for (l, i), act in zip(info["neurons"], info["neuron_activations"]) if l == layer}
+            chosen = {i: act for (lay, i), act in zip(info["neurons"], info["neuron_activations"], strict=True) if lay == layer}
             diff = arch.weight(model, name) - w0
             changed = sorted(diff.abs().sum(0).nonzero().flatten().tolist())
             assert changed == sorted(chosen)

@@ -7,7 +7,6 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
-
 from kedit_core.architecture import resolve_architecture
 from kedit_core.testing import FAMILIES, tiny_model
 from kedit_rome.trace import (

@@ -21,10 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
+from torch import nn
 
 
 @torch.no_grad()

@@ -10,8 +10,6 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec, get_parameter
 from kedit_core.errors import KeditError
 from kedit_core.method import EditContext, EditMethod, PatchKind
@@ -19,6 +17,7 @@ from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from torch import nn
 
 from .. import __version__
 from .attribution import integrated_gradients, neuron_activations

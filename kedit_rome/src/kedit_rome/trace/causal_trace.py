@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec, get_module, resolve_architecture
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target, subject_last_token
+from torch import nn
 
 from .noise import embedding_std, subject_noise
 
@@ -213,7 +212,7 @@ def causal_trace(
     clean, probs = restored_probabilities(model, arch, ids, (s0, s1), answer_id, eps, [()] + restorations, kind, max_rows)
     corrupted = probs[0]
     scores = [[corrupted] * n_layers for _ in range(len(ids))]
-    for (t, layer), p in zip(cells, probs[1:]):
+    for (t, layer), p in zip(cells, probs[1:], strict=True):
         scores[t][layer] = p
     log.info("traced %r (%s): P(clean)=%.4f P(corrupted)=%.4f", prompt, kind, clean, corrupted)
     return TraceResult(

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec, resolve_architecture
+from torch import nn
 
 from .causal_trace import _answer_id, restored_probabilities, subject_token_range, window_layers
 from .noise import embedding_std, subject_noise
