@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from kedit_core.architecture import resolve_architecture
 from kedit_core.method import EditContext
 from kedit_core.ops.keys import compute_keys

@@ -7,9 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.method import EditContext
 from kedit_core.models import model_fingerprint
@@ -17,6 +14,8 @@ from kedit_core.ops.context_templates import context_templates
 from kedit_core.ops.second_moment import StatsSpec, second_moments
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import BaseModel, Field
+from torch import nn
 
 from . import __version__
 

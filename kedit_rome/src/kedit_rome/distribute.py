@@ -14,17 +14,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.keys import compute_keys_values, module_io_at, subject_positions
 from kedit_core.ops.least_squares import batched_least_squares
 from kedit_core.request import EditRequest
+from torch import nn
 
 from .common import lowrank_or_dense
 from .spread import residual_to_mlp_output, share
 
 log = logging.getLogger(__name__)
+
+
+def hidden_at_subject(model: nn.Module, tokenizer: Any, arch: ArchitectureSpec,
+                      requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
+    """``h_layer`` [n, d]: the output of ``layer`` at the subject's last token of each bare prompt."""
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    return module_io_at(model, tokenizer, prompts, subject_positions(tokenizer, prompts, subjects), arch.layer_path(layer), "output")
 
 
 def distribute(

@@ -15,26 +15,25 @@ residual, and that only the FFN part should be written into FFN weights. So:
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
-from kedit_core.ops.keys import module_io_at, subject_positions
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import Field
 
 from .common import StatsOptions, make_patch, second_moment_for, templates_for
-from .distribute import distribute
-from .memit import _first_rows
-from .value import ValueOptions, optimize_values
+from .distribute import distribute, hidden_at_subject
+from .spread import mlp_output_effect
+from .value import ValueOptions, optimize_values_chunked
 
 
 class PMETHyperparams(Hyperparams, ValueOptions, StatsOptions):
     layers: list[int] = Field(default=[3, 4, 5, 6], min_length=1)
     mom2_update_weight: float = Field(default=15000.0, gt=0)
     batch_size: int = Field(default=1000, ge=1)
+    #: requests whose free vectors are optimized together (they are independent; bounds memory)
+    value_batch_size: int = Field(default=8, ge=1)
 
 
 class PMET(EditMethod):
@@ -55,22 +54,12 @@ class PMET(EditMethod):
         templates = templates_for(model, tokenizer, hparams, ctx)
         stats = second_moment_for(model, tokenizer, arch, layers, hparams, ctx)
         sites = [arch.layer_path(top, arch.attn_out), arch.layer_path(top, arch.mlp_out)]
-        result = optimize_values(model, tokenizer, arch, requests, templates, sites, top, hparams)
-        first = _first_rows(result.batch.owner[: result.batch.n_rewrite], len(requests))
-        m = result.initial[1][first]
-        ffn_change = self._ffn_change(model, arch, top, m, result.deltas[1])
-        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-        h = module_io_at(model, tokenizer, prompts, subject_positions(tokenizer, prompts, subjects), arch.layer_path(top), "output")
+        result = optimize_values_chunked(model, tokenizer, arch, requests, templates, sites, top, hparams,
+                                         hparams.value_batch_size)
+        norm = arch.module(model, top, arch.post_mlp_norm) if arch.post_mlp_norm else None
+        ffn_change = mlp_output_effect(norm, result.initial[1], result.deltas[1])
+        h = hidden_at_subject(model, tokenizer, arch, requests, top)
         tensors = distribute(model, tokenizer, arch, requests, templates, layers, stats, h + ffn_change,
                              target_site=arch.layer_path(top), weight=hparams.mom2_update_weight)
         extra = {"z_steps": result.steps, "target_nll": result.nll}
         return make_patch(self, model, tensors, hparams, requests, ctx, extra)
-
-    @staticmethod
-    def _ffn_change(model, arch: ArchitectureSpec, layer: int, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``N(m + delta) - N(m)``: what the FFN's new output adds to the residual stream."""
-        if not arch.post_mlp_norm:
-            return delta
-        norm = arch.module(model, layer, arch.post_mlp_norm)
-        with torch.no_grad():
-            return norm(m + delta) - norm(m)

@@ -15,8 +15,6 @@ The patch stores the two factors (``lowrank/<W_out>/a`` and ``/b``): a few kilob
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
@@ -24,6 +22,7 @@ from kedit_core.ops.keys import compute_keys
 from kedit_core.ops.least_squares import rank_one_update
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import Field, field_validator
 
 from .common import StatsOptions, lowrank_or_dense, make_patch, second_moment_for, templates_for
 from .value import ValueOptions, optimize_values

@@ -55,3 +55,12 @@ def residual_to_mlp_output(norm: nn.Module | None, m: torch.Tensor, r: torch.Ten
 def share(remaining: torch.Tensor, layers_left: int) -> torch.Tensor:
     """MEMIT's equal share of the missing residual for this layer (Eq. 19)."""
     return remaining / layers_left
+
+
+def mlp_output_effect(norm: nn.Module | None, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What changing the MLP output from ``m`` to ``m + delta`` adds to the residual stream:
+    ``N(m + delta) - N(m)``, or ``delta`` where the MLP output is added unchanged."""
+    if norm is None:
+        return delta
+    with torch.no_grad():
+        return norm(m + delta) - norm(m)
