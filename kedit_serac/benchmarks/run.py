@@ -62,7 +62,15 @@ def main() -> None:
         hp = IKE.load_hparams(None, info.key).updated(**{k: v for k, v in {"pool": args.pool, "k": args.k}.items() if v is not None})
     editor = Editor(args.method, model, tok, hparams=hp, model_info=info, checkpoint=args.checkpoint)
     t0 = time.perf_counter()
-    result = editor.edit(reqs, batch_size=args.batch_size)
+
+    def progress(done: int, partial) -> None:  # running metrics, so a long run can be read while it goes
+        if args.out:
+            snapshot = {"done": done, "metrics": partial.metrics("post"), "metrics_pre": partial.metrics("pre"),
+                        "time_per_edit_s": sum(partial.edit_seconds) / done, "wall_s": time.perf_counter() - t0}
+            with open(args.out + ".partial", "w", encoding="utf-8") as fh:
+                json.dump(snapshot, fh, indent=1)
+
+    result = editor.edit(reqs, batch_size=args.batch_size, on_chunk=progress)
     wall = time.perf_counter() - t0
     report = result.to_report()
     sub = reqs[: args.query_n]
