@@ -15,7 +15,7 @@ from kedit_core.testing import state_fingerprint
 
 pytestmark = pytest.mark.real_model
 
-FAST_STATS = {"mom2_n_tokens": 3000, "context_template_length_params": [[10, 3]]}
+FAST_STATS = {"mom2_n_tokens": 6000, "context_template_length_params": [[10, 3]]}
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,16 @@ def distribute(
     z: torch.Tensor,
     target_site: str,
     weight: float,
+    max_rotation: float = 0.5,
 ) -> dict[str, torch.Tensor]:
-    """Patch tensors of the updates that move ``target_site``'s output toward ``z`` [n, d]."""
+    """Patch tensors of the updates that move ``target_site``'s output toward ``z`` [n, d].
+
+    With a post-MLP norm, every layer but the last adds at most ``max_rotation * ||N(m)||`` (its
+    share is scaled down to that): a normalized MLP output can only turn, not grow, and asking a
+    lower layer for a residual larger than its own output flips it and wrecks the model (measured
+    on Gemma 3 270M: layers [5, 6] without the cap, target NLL 7.1 instead of 0.02). The last
+    layer then takes what is missing exactly, as it re-measures.
+    """
     prompts = [r.prompt for r in requests]
     subjects = [r.subject for r in requests]
     lookup = subject_positions(tokenizer, prompts, subjects)
@@ -57,6 +65,10 @@ def distribute(
             r = share(z - current, len(layers) - i)
             keys, values = compute_keys_values(model, tokenizer, arch, layer, prompts, subjects, templates)
             norm = arch.module(model, layer, arch.post_mlp_norm) if arch.post_mlp_norm else None
+            if norm is not None and i < len(layers) - 1:
+                with torch.no_grad():
+                    cap = max_rotation * norm(values).norm(dim=-1, keepdim=True)
+                r = r * (cap / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
             resid = residual_to_mlp_output(norm, values, r)
             a, b = batched_least_squares(stats[layer], keys.T, resid.T, weight)
             param = arch.mlp_out_param(layer)
