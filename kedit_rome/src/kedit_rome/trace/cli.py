@@ -27,7 +27,7 @@ from kedit_core.errors import KeditError
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def trace(model: str, device: str, dtype: str, prompt: str, subject: str, answer: str | None, kind: str, samples: int,
           window: int, noise: float, seed: int, prefix: str, no_png: bool, as_json: bool) -> None:
-    """Causal tracing (ROME, Fig. 1): corrupt the subject, restore states, map the indirect effects."""
+    """Causal tracing (ROME paper, figure 1): corrupt the subject, restore states, map indirect effects."""
     from kedit_core.models import load_model
 
     from .causal_trace import causal_trace
