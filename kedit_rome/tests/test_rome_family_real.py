@@ -29,8 +29,11 @@ def records(shared_data):
 
 
 def _editor(name, gemma, cache, **overrides):
+    from kedit_core.plugins import Registry
+
     model, tok, info = gemma
-    base = Editor(name, model, tok, model_info=info, cache=cache)
+    method = Registry(autoload=True).load().method(name)
+    base = Editor(method, model, tok, model_info=info, cache=cache)
     extra = {**FAST_STATS, **({"mom2_damping": 0.05} if name == "rome" else {}), **overrides}
     base.hparams = base.method.load_hparams({**base.hparams.to_dict(), **extra})
     return base
