@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
     ap.add_argument("--n", type=int, default=837)
+    ap.add_argument("--start", type=int, default=0, help="first record (held-out slices)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", required=True)
     ap.add_argument("--patch", default=None, help="also save the final patch here")
@@ -31,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    requests = load_requests(args.data, limit=args.n)
+    requests = load_requests(args.data, limit=args.start + args.n)[args.start :]
     editor = Editor(args.method, "gemma3-270m")
     if args.hparams:
         editor.hparams = editor.hparams.updated(**json.loads(args.hparams))
