@@ -34,6 +34,8 @@ class FTHyperparams(Hyperparams):
     early_stop_loss: float = Field(default=1e-2, ge=0)
     batch_size: int = Field(default=1, ge=1)
     objective: Literal["prompt_last", "target_new"] | None = None
+    #: adam moves every entry by about ``lr`` per step; sgd moves along the (low-rank) gradient
+    optimizer: Literal["adam", "sgd"] = "adam"
 
 
 class _FineTune(EditMethod):
@@ -76,7 +78,10 @@ class _FineTune(EditMethod):
 
     def _train(self, model, tokenizer, requests, hparams, params, originals) -> None:
         device = model_device(model)
-        opt = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+        if hparams.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
         loss_fn = self._loss_fn(model, tokenizer, requests, device, hparams.objective or self.objective)
         with torch.enable_grad():
             for _ in range(hparams.num_steps):
