@@ -16,7 +16,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def zsre(shared_data):
-    return load_requests(shared_data / "zsre.json", limit=8)
+    return load_requests(shared_data / "zsre.json", limit=5)
 
 
 def test_serac_batch_of_edits_on_gemma(gemma, zsre, tmp_path):
