@@ -22,7 +22,7 @@ def test_kn_edit_on_gemma(gemma, record):
     model, tok, info = gemma
     preset = KN.presets()["gemma3-270m"]
     hp = KN.load_hparams(preset).updated(steps=5, prompt_prefixes=["", "Fact: "])
-    editor = Editor("kn", model, tok, hparams=hp, model_info=info)
+    editor = Editor(KN(), model, tok, hparams=hp, model_info=info)
     before = {n: p.clone() for n, p in model.named_parameters() if "mlp.down_proj" in n}
     result = editor.edit(record)
     report = result.to_report()
