@@ -21,9 +21,12 @@ $(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/kedit edit --method ft-m --model gemma3-270m \
+	$(BIN)/kedit edit --method rome --model gemma3-270m \
 		--prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
-		--target "Rome" --ground-truth "Paris" --out out/eiffel.kedit.safetensors
+		--target "Rome" --ground-truth "Paris" \
+		--rephrase "Where is the Eiffel Tower? It is in the city of" \
+		--locality-prompt "Toyota is a company headquartered in" --locality-answer "Japan" \
+		--out out/eiffel.kedit.safetensors
 
 test: install
 	$(BIN)/python -m pytest
