@@ -130,11 +130,22 @@ class MethodConformance:
 
     # -- fixtures -------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
-    def method(self) -> EditMethod:
-        from .plugins import Registry
+    def method(self) -> Any:
+        """The method, found through its entry point; its plugin is also made known to the process-wide
+        registry for the class's tests (``Patch.apply`` looks module-state and memory methods up there,
+        and test suites run with autoload off)."""
+        from .plugins import Registry, get_registry
 
         registry = Registry(autoload=True).load()
-        return registry.method(self.method_name)
+        cls = registry.method_class(self.method_name)
+        info = registry.methods[self.method_name].plugin
+        process = get_registry()
+        added = self.method_name not in process.methods
+        if added:
+            process.add_plugin(registry.pm.get_plugin(info.name), name=info.name, package=info.package, version=info.version)
+        yield cls()
+        if added:
+            process.remove_plugin(info.name)
 
     @pytest.fixture(scope="class", params=FAMILIES)
     def tiny(self, request: Any) -> tuple[Any, Any]:
