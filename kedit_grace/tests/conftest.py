@@ -13,12 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(autouse=True)
 def grace_plugin_registered():
     import kedit_grace.plugin
-    from kedit_core.plugins import get_registry
+    from kedit_core.testing import plugin_registered
 
-    registry = get_registry()
-    added = "grace" not in registry.plugins
-    if added:
-        registry.add_plugin(kedit_grace.plugin, name="grace", package="kedit-grace")
-    yield
-    if added:
-        registry.remove_plugin("grace")
+    with plugin_registered(kedit_grace.plugin, "grace", "kedit-grace"):
+        yield

@@ -10,15 +10,10 @@ def serac_plugin_registered():
     """The suite runs with plugin autoload off; memory patches are applied through the process-wide
     registry (Patch.apply looks the method up there), so register this package's plugin by hand."""
     import kedit_serac.plugin
-    from kedit_core.plugins import get_registry
+    from kedit_core.testing import plugin_registered
 
-    registry = get_registry()
-    added = "serac" not in registry.plugins
-    if added:
-        registry.add_plugin(kedit_serac.plugin, name="serac", package="kedit-serac")
-    yield
-    if added:
-        registry.remove_plugin("serac")
+    with plugin_registered(kedit_serac.plugin, "serac", "kedit-serac"):
+        yield
 
 
 @pytest.fixture(scope="session")

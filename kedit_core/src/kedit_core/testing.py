@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -112,6 +114,23 @@ def tiny_requests() -> list[EditRequest]:
     ]
 
 
+@contextlib.contextmanager
+def plugin_registered(plugin: Any, name: str, package: str = "local", version: str = "0") -> Iterator[None]:
+    """Make ``plugin`` known to the process-wide registry for a while (test suites run with autoload
+    off, and ``Patch.apply`` looks module-state and memory methods up there)."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    added = name not in registry.plugins
+    if added:
+        registry.add_plugin(plugin, name=name, package=package, version=version)
+    try:
+        yield
+    finally:
+        if added:
+            registry.remove_plugin(name)
+
+
 def state_fingerprint(model: Any) -> dict[str, str]:
     return {name: tensor_fingerprint(p) for name, p in model.state_dict().items()}
 
@@ -134,18 +153,13 @@ class MethodConformance:
         """The method, found through its entry point; its plugin is also made known to the process-wide
         registry for the class's tests (``Patch.apply`` looks module-state and memory methods up there,
         and test suites run with autoload off)."""
-        from .plugins import Registry, get_registry
+        from .plugins import Registry
 
         registry = Registry(autoload=True).load()
         cls = registry.method_class(self.method_name)
         info = registry.methods[self.method_name].plugin
-        process = get_registry()
-        added = self.method_name not in process.methods
-        if added:
-            process.add_plugin(registry.pm.get_plugin(info.name), name=info.name, package=info.package, version=info.version)
-        yield cls()
-        if added:
-            process.remove_plugin(info.name)
+        with plugin_registered(registry.pm.get_plugin(info.name), info.name, info.package, info.version):
+            yield cls()
 
     @pytest.fixture(scope="class", params=FAMILIES)
     def tiny(self, request: Any) -> tuple[Any, Any]:

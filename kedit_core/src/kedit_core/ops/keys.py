@@ -96,6 +96,16 @@ def fill_templates(templates: Sequence[str], prompt: str) -> list[str]:
     return [t.replace("{}", prompt) for t in templates]
 
 
+def _template_positions(tokenizer: Any, prompts: Sequence[str], subjects: Sequence[str],
+                        templates: Sequence[str]) -> tuple[list[str], Any]:
+    """Every prompt inside every template, and the subject's last-token position in each text."""
+    texts, subs = [], []
+    for prompt, subject in zip(prompts, subjects, strict=True):
+        texts.extend(fill_templates(templates, prompt))
+        subs.extend([subject] * len(templates))
+    return texts, subject_positions(tokenizer, texts, subs)
+
+
 def compute_keys(
     model: nn.Module,
     tokenizer: Any,
@@ -107,11 +117,7 @@ def compute_keys(
 ) -> torch.Tensor:
     """``[N, d_in]``: per request, the down-projection input at the subject's last token, averaged
     over the context templates (ROME Eq. 3, ``k* = mean_j k(x_j + p)``)."""
-    texts, subs = [], []
-    for prompt, subject in zip(prompts, subjects, strict=True):
-        texts.extend(fill_templates(templates, prompt))
-        subs.extend([subject] * len(templates))
-    pos = subject_positions(tokenizer, texts, subs)
+    texts, pos = _template_positions(tokenizer, prompts, subjects, templates)
     keys = module_io_at(model, tokenizer, texts, pos, arch.layer_path(layer, arch.mlp_out), "input")
     return keys.reshape(len(prompts), len(templates), -1).mean(1)
 
@@ -126,11 +132,7 @@ def compute_keys_values(
     templates: Sequence[str] = ("{}",),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Template-averaged keys ``[N, d_in]`` and the down-projection outputs ``[N, d_out]`` with them."""
-    texts, subs = [], []
-    for prompt, subject in zip(prompts, subjects, strict=True):
-        texts.extend(fill_templates(templates, prompt))
-        subs.extend([subject] * len(templates))
-    pos = subject_positions(tokenizer, texts, subs)
+    texts, pos = _template_positions(tokenizer, prompts, subjects, templates)
     k, v = module_inputs_outputs_at(model, tokenizer, texts, pos, arch.layer_path(layer, arch.mlp_out))
     n, t = len(prompts), len(templates)
     return k.reshape(n, t, -1).mean(1), v.reshape(n, t, -1).mean(1)
