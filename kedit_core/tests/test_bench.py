@@ -198,9 +198,14 @@ def test_cli_bench_runs_jobs_in_child_processes(data, tmp_path, monkeypatch, cap
     readme.write_text("<!-- kedit-bench:begin -->\n<!-- kedit-bench:end -->\n")
     monkeypatch.delenv("KEDIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     out = tmp_path / "out"
-    assert main(["bench", "--config", str(cfg), "--out", str(out), "--readme", str(readme)]) == 0
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--readme", str(readme), "--workers", "2"]) == 0
     doc = json.loads((out / "bench.json").read_text())
     assert [r["method"] for r in doc["table1"]] == ["ft-l"] and doc["jobs"]["failed"] == 0
+    # two job processes at once: the span from first start to last end is shorter than the jobs' sum
+    jobs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*.json") if not p.name.endswith(".spec.json")]
+    assert len(jobs) == 4 and doc["jobs"]["workers"] == 2
+    assert doc["jobs"]["span_s"] == round(max(j["finished_at"] for j in jobs) - min(j["started_at"] for j in jobs), 1)
+    assert doc["jobs"]["span_s"] < sum(j["finished_at"] - j["started_at"] for j in jobs)
     assert doc["table1"][0]["peak_rss_mb"] > 0 and doc["jobs"]["cached"] == 0
     assert (out / "sequential.png").is_file()
     assert readme_section(readme) == render_markdown(doc, "out/sequential.png")

@@ -10,9 +10,10 @@ from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.editor import Editor
 from kedit_core.errors import PatchError
 from kedit_core.method import EditContext
-from kedit_core.patch import Patch, revert_all
+from kedit_core.patch import Patch
 from kedit_core.plugins import Registry
 from kedit_core.testing import state_fingerprint, tiny_model
+from kedit_grace.wrapping import ModuleWrapper
 
 METHODS = ("grace", "melo")
 
@@ -35,29 +36,37 @@ def test_sequential_chain_reverts_lifo_and_final_patch_reproduces(registry, name
     fingerprints = state_fingerprint(model)
     editor = Editor(registry.method(name), model, tok, hparams=TINY_HPARAMS[name])
     result = editor.edit(three_requests(), sequential=True, keep_original_weight=False, evaluate=False)
-    patches = result.patches
-    assert [p.parent for p in patches] == [None, patches[0].patch_id, patches[1].patch_id]
-    paths = wrapped_paths(patches[-1])
+    # each patch carries the whole state: the run keeps only the newest, applied alone
+    (final,) = result.patches
+    assert final.parent is not None and len(result.handles) == 1
+    assert final.metadata["extra"]["supersedes"] == final.parent
+    paths = wrapped_paths(final)
     originals = {p: get_module(model, p).base for p in paths}
+    assert not any(isinstance(m, ModuleWrapper) for m in originals.values())  # no nested superseded wrapper
     edited = logits(model, tok)
     assert not torch.equal(edited, before)
     assert torch.equal(logits(model, tok, UNRELATED), unrelated)  # far from every key: deferred
     assert set(model.state_dict()) == set(fingerprints)  # wrapping adds no checkpoint keys
-
-    # LIFO: reverting the last patch puts back the wrapper of the one before it
-    installed = {p: get_module(model, p) for p in paths}
-    result.handles[-1].revert()
-    result.handles.pop()
-    assert all(get_module(model, p) is not installed[p] for p in paths)
-    assert all(get_module(model, p).state_id == patches[1].patch_id for p in paths)
-    revert_all(model)
-    result.handles.clear()
+    editor.restore(result)
     assert all(get_module(model, p) is originals[p] for p in paths)
     assert torch.equal(logits(model, tok), before)
     assert state_fingerprint(model) == fingerprints
 
+    # applied by hand, a chain reverts LIFO: reverting the last patch puts back the one before it
+    reqs = three_requests()
+    first = editor.compute_patch(reqs[:1])
+    h1 = first.apply(model)
+    second = editor.compute_patch(reqs[1:2], parent=first)
+    h2 = second.apply(model)
+    assert all(get_module(model, p).state_id == second.patch_id for p in paths)
+    h2.revert()
+    assert all(get_module(model, p).state_id == first.patch_id for p in paths)
+    h1.revert()
+    assert all(get_module(model, p) is originals[p] for p in paths)
+    assert state_fingerprint(model) == fingerprints
+
     # the final patch alone, from its file, on a fresh copy of the unedited model
-    path = patches[-1].save(tmp_path / "final.kedit.safetensors")
+    path = final.save(tmp_path / "final.kedit.safetensors")
     fresh, _ = tiny_model(family)
     with Patch.load(path).applied(fresh):
         assert torch.equal(logits(fresh, tok), edited)
@@ -165,3 +174,29 @@ def test_interrupted_sequential_run_resumes_from_its_newest_patch(registry, name
     assert torch.equal(resumed_logits, straight_logits)
     assert resumed.post_final == straight.post_final
     assert [p.name for p in (tmp_path / "patches").iterdir()] == ["000003.kedit.safetensors"]
+
+
+def test_superseding_patch_that_fails_to_apply_puts_the_previous_back(registry, monkeypatch):
+    model, tok = tiny_model("llama")
+    editor = Editor(registry.method("grace"), model, tok, hparams=TINY_HPARAMS["grace"])
+    reqs = three_requests()
+    result = editor.edit(reqs[:1], sequential=True, keep_original_weight=False, evaluate=False)
+    (first,) = result.patches
+    edited = logits(model, tok)
+    second = editor.compute_patch(reqs[1:2], parent=first)
+    attach = type(editor.method).attach
+    calls = []
+
+    def fail_once(self, model, patch, arch):
+        calls.append(patch.patch_id)
+        if len(calls) == 1:
+            raise PatchError("refused")
+        return attach(self, model, patch, arch)
+
+    monkeypatch.setattr(type(editor.method), "attach", fail_once)
+    with pytest.raises(PatchError, match="refused"):
+        editor._apply_sequential(second, result)
+    assert calls == [second.patch_id, first.patch_id]
+    assert [h.patch.patch_id for h in result.handles] == [first.patch_id]
+    assert torch.equal(logits(model, tok), edited)
+    editor.restore(result)

@@ -37,6 +37,9 @@ class EditResult:
 
     ``post`` is scored right after each request's own edit; in sequential runs ``post_final`` is
     scored on the final model after every edit (the two protocols can differ a lot).
+    ``patches`` holds one patch per chunk -- except in sequential runs of a method whose patches each
+    carry the whole state (``EditMethod.cumulative_patches``: GRACE, MELO), where it holds only the
+    newest, which supersedes the rest (its ``parent`` names the one before).
     """
 
     method: str
@@ -246,7 +249,7 @@ class Editor:
                 self._ctx.applied = [h.patch for h in result.handles]
                 t0 = time.perf_counter()
                 patch = self.compute_patch(chunk, parent if sequential else None)
-                handle = self._apply_kept(patch, result) if sequential else patch.apply(self.model)
+                handle = self._apply_sequential(patch, result) if sequential else patch.apply(self.model)
                 result.edit_seconds.append(time.perf_counter() - t0)
                 result.patches.append(patch)
                 if evaluate:
@@ -276,17 +279,33 @@ class Editor:
         result.peak_cuda_mb = peak_cuda_mb()
         return result
 
+    def _apply_sequential(self, patch: Patch, result: EditResult) -> AppliedPatch:
+        """Apply the next patch of a sequential run.
+
+        A method whose patches each carry the whole state (``cumulative_patches``) supersedes the
+        previous patch: it is reverted and dropped before the new one goes in, so a run of any
+        length holds one state, not one per edit. Should the new patch fail to apply, the previous
+        one is put back and the error raised -- the model is never left without either.
+        """
+        if not (self.method.cumulative_patches and result.handles):
+            return self._apply_kept(patch, result)
+        previous = result.handles.pop()
+        previous.revert()
+        try:
+            handle = self._apply_kept(patch, result)
+        except BaseException:
+            result.handles.append(self._apply_kept(previous.patch, result))
+            raise
+        result.patches.clear()
+        return handle
+
     def _apply_kept(self, patch: Patch, result: EditResult) -> AppliedPatch:
         """Apply a patch that stays in the model (sequential runs) without a copy per edit: the first
         time a weight is overwritten it is snapshot into ``result.baseline`` -- memory stays one copy
         per touched weight however many edits the run makes."""
         if patch.kind is not PatchKind.WEIGHT_DELTA:
             return patch.apply(self.model)
-        patch.validate()
-        for name in patch.parameters():
-            if name not in result.baseline:
-                result.baseline[name] = get_parameter(self.model, name).detach().clone()
-        return patch.apply(self.model, keep_copy=False)
+        return patch.apply(self.model, keep_copy=False, snapshot=result.baseline)
 
     def restore(self, result: EditResult) -> None:
         """Revert every patch ``result`` left applied (newest first), bit-exactly."""

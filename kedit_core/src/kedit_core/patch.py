@@ -222,12 +222,14 @@ class Patch:
             raise PatchError(f"content does not match patch id {meta['patch_id']!r} (file altered or damaged)")
 
     # -- apply / revert -------------------------------------------------------------------------
-    def apply(self, model: nn.Module, *, check_fingerprint: bool = True, keep_copy: bool = True) -> AppliedPatch:
+    def apply(self, model: nn.Module, *, check_fingerprint: bool = True, keep_copy: bool = True,
+              snapshot: dict[str, torch.Tensor] | None = None) -> AppliedPatch:
         """Apply to ``model``; everything is checked before the first weight is written.
 
         ``keep_copy=False`` (weight deltas) keeps no copy of the overwritten weights: the handle
         cannot ``revert()``; whoever applies it keeps its own snapshot (a long sequential run keeps
-        one per parameter, not one per edit) and calls ``release()``.
+        one per parameter, not one per edit) and calls ``release()``. Passing that snapshot as
+        ``snapshot`` records each weight not yet in it, after the checks and before the write.
         """
         from .plugins import get_registry
 
@@ -240,6 +242,8 @@ class Patch:
                     p = get_parameter(model, name)
                     if keep_copy:
                         saved[name] = p.detach().clone()
+                    elif snapshot is not None and name not in snapshot:
+                        snapshot[name] = p.detach().clone()
                     p.copy_(value)
             handle = AppliedPatch(self, model, saved=saved, copyless=not keep_copy)
         else:

@@ -54,6 +54,8 @@ class BenchConfig(BaseModel):
     sequential_n: int = Field(default=30, ge=1)
     #: torch threads in each job (None: torch's default)
     threads: int | None = Field(default=None, ge=1)
+    #: jobs running at once, each in its own process (with ``threads: 1``, one per core)
+    workers: int = Field(default=1, ge=1)
     options: dict[str, MethodOptions] = Field(default_factory=dict)
 
     @classmethod

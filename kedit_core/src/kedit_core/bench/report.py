@@ -67,7 +67,9 @@ def build_document(config: BenchConfig, jobs: list[PlannedJob], results: dict[st
                  "failed": sum("error" in results.get(j.key, {"error": 1}) and not results.get(j.key, {}).get("not_run")
                                for j in jobs),
                  "cached": sum(bool(results.get(j.key, {}).get("cached")) for j in jobs),
-                 "wall_s_sum": round(sum(r.get("wall_s", 0.0) for r in ok), 1)},
+                 "wall_s_sum": round(sum(r.get("wall_s", 0.0) for r in ok), 1),
+                 "workers": config.workers,
+                 "span_s": _span(ok)},
         "speed_n": config.speed_n,
         "table1": [], "table2": [], "counterfact": [], "sequential": [],
         "notes": {m: o.note for m, o in config.options.items() if o.note and m in by_method},
@@ -123,10 +125,24 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _span(results: list[dict[str, Any]]) -> float | None:
+    """Seconds from the first job's start to the last one's end (None unless every job says when)."""
+    times = [(r["started_at"], r["finished_at"]) for r in results if "started_at" in r and "finished_at" in r]
+    if not times or len(times) != len(results):
+        return None
+    return round(max(t[1] for t in times) - min(t[0] for t in times), 1)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _elapsed(jobs: dict[str, Any]) -> str:
+    span, workers = jobs.get("span_s"), jobs.get("workers", 1)
+    text = f", {workers} jobs at a time" if workers and workers > 1 else ""
+    return text + (f", {span / 60:.1f} min from the first job's start to the last one's end" if span else "")
 
 
 def _load_warning(doc: dict[str, Any]) -> list[str]:
@@ -145,7 +161,7 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
         f"Produced by `{doc['command']}` on {doc['date']} (kedit {doc['kedit_version']}, model {doc['model']}, "
         f"fingerprint `{(fp if isinstance(fp, str) else ', '.join(fp))[:16]}`, {doc['machine']['cpu_count']} CPU cores"
         f"{', ' + doc['machine']['gpu'] if doc['machine']['gpu'] else ', no GPU'}, torch {doc['machine']['torch']}; "
-        f"sum of job wall times {doc['jobs']['wall_s_sum'] / 60:.1f} min).",
+        f"sum of job wall times {doc['jobs']['wall_s_sum'] / 60:.1f} min{_elapsed(doc['jobs'])}).",
         "",
         *_load_warning(doc),
         "**Table 1** — editing cost. Capabilities come from each method's flags. *10 edits*: ten times the median "

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -127,35 +128,61 @@ def job_key(spec: JobSpec) -> str:
 
 def run_jobs(jobs: list[PlannedJob], out_dir: Path, *, force: bool = False, isolate: bool = True,
              model: Any = None, tokenizer: Any = None, progress: bool = True, reuse_stale: bool = False,
-             run_missing: bool = True,
+             run_missing: bool = True, workers: int = 1,
              on_result: Callable[[PlannedJob, dict], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every job; returns ``{key: result}``. A failed job's result has an ``error``."""
+    """Run (or reuse) every job; returns ``{key: result}`` in the jobs' order. A failed job's result
+    has an ``error``. ``workers`` > 1 runs that many job processes at once (isolated jobs only)."""
     job_dir = out_dir / "jobs"
     job_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(jobs, desc="bench", unit="job", disable=not progress)
-    for job in bar:
-        bar.set_postfix_str(job.label)
-        path = job_dir / f"{job.key}.json"
-        cached = _read(path) if not force else None
-        if cached is not None and "error" in cached:
-            cached = None
-        if cached is not None:
-            stale = cached.get("sources") != dict(job.sources)
-            if stale and not reuse_stale:
-                cached = None
-            else:
-                cached["cached"] = True
-                cached["stale"] = stale
+    todo: list[PlannedJob] = []
+    for job in jobs:
+        cached = _cached(job, job_dir / f"{job.key}.json", force, reuse_stale)
         if cached is not None:
             results[job.key] = cached
         elif not run_missing:
             results[job.key] = {"spec": job.spec.to_dict(), "error": "not run", "not_run": True}
         else:
-            results[job.key] = _run_one(job, path, isolate, model, tokenizer)
+            todo.append(job)
+            continue
         if on_result is not None:
             on_result(job, results[job.key])
-    return results
+    bar = tqdm(total=len(todo), desc="bench", unit="job", disable=not progress or not todo)
+
+    def finish(job: PlannedJob, result: dict[str, Any]) -> None:
+        results[job.key] = result
+        bar.update(1)
+        if on_result is not None:
+            on_result(job, result)
+
+    try:
+        if workers > 1 and isolate and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # each thread waits on one job process
+                futures = {pool.submit(_run_one, job, job_dir / f"{job.key}.json", True, None, None): job
+                           for job in todo}
+                for future in as_completed(futures):
+                    finish(futures[future], future.result())
+        else:
+            for job in todo:
+                bar.set_postfix_str(job.label)
+                finish(job, _run_one(job, job_dir / f"{job.key}.json", isolate, model, tokenizer))
+    finally:
+        bar.close()
+    return {job.key: results[job.key] for job in jobs if job.key in results}
+
+
+def _cached(job: PlannedJob, path: Path, force: bool, reuse_stale: bool) -> dict[str, Any] | None:
+    """The stored result of ``job`` if it can stand for a run now (same inputs, same sources unless
+    ``reuse_stale``), marked ``cached`` (and ``stale``)."""
+    cached = _read(path) if not force else None
+    if cached is None or "error" in cached:
+        return None
+    stale = cached.get("sources") != dict(job.sources)
+    if stale and not reuse_stale:
+        return None
+    cached["cached"] = True
+    cached["stale"] = stale
+    return cached
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -169,6 +196,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _run_one(job: PlannedJob, path: Path, isolate: bool, model: Any, tokenizer: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
+    started = time.time()
     if not isolate:
         try:
             result = run_job(job.spec, model, tokenizer)
@@ -177,6 +205,7 @@ def _run_one(job: PlannedJob, path: Path, isolate: bool, model: Any, tokenizer: 
             result = {"spec": job.spec.to_dict(), "error": f"{type(exc).__name__}: {exc}"}
         if "error" not in result:
             result["sources"] = dict(job.sources)
+            result["started_at"], result["finished_at"] = started, time.time()
             atomic_write_text(path, json.dumps(result, indent=1))
         return result
     spec_path = path.with_suffix(".spec.json")
@@ -188,6 +217,7 @@ def _run_one(job: PlannedJob, path: Path, isolate: bool, model: Any, tokenizer: 
     result = _read(path)
     if result is not None and proc.returncode == 0:
         result["sources"] = dict(job.sources)
+        result["started_at"], result["finished_at"] = started, time.time()
         atomic_write_text(path, json.dumps(result, indent=1))
     if result is None or proc.returncode != 0:
         tail = path.with_suffix(".log").read_text().strip().splitlines()[-1:] or ["no output"]

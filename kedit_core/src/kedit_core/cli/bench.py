@@ -27,9 +27,11 @@ from .options import echo_json, table
 @click.option("--compare", "compare_paths", nargs=2, type=click.Path(dir_okay=False), default=None,
               metavar="OLD.json NEW.json", help="Print the differences between two bench runs (runs nothing).")
 @click.option("--tolerance", type=float, default=0.0, show_default=True, help="With --compare: hide changes up to this size.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Jobs to run at once, each in its own process (default: the configuration's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def bench(config_path, methods, out_dir, force, reuse_stale, cached_only, readme, compare_paths, tolerance,
-          as_json) -> None:
+          workers, as_json) -> None:
     """Run every installed method (or --methods) on the configured model and data; write the tables.
 
     Each job runs in its own process (peak memory per method) and is cached under OUT/jobs, keyed by
@@ -47,6 +49,8 @@ def bench(config_path, methods, out_dir, force, reuse_stale, cached_only, readme
     config = BenchConfig.load(config_path)
     if methods:
         config = config.model_copy(update={"methods": [m.strip() for m in methods.split(",") if m.strip()]})
+    if workers:
+        config = config.model_copy(update={"workers": workers})
     registry = get_registry()
     jobs = plan(config, registry)
     out = Path(out_dir)
@@ -60,7 +64,8 @@ def bench(config_path, methods, out_dir, force, reuse_stale, cached_only, readme
             status = ("cached, stale" if result.get("stale") else "cached") if result.get("cached") else f"{result['wall_s']:.0f} s"
         click.echo(f"  {job.label}: {status}", err=True)
 
-    results = run_jobs(jobs, out, force=force, reuse_stale=reuse_stale, run_missing=not cached_only, on_result=report)
+    results = run_jobs(jobs, out, force=force, reuse_stale=reuse_stale, run_missing=not cached_only,
+                       workers=config.workers, on_result=report)
     command = "kedit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kedit bench"
     doc = build_document(config, jobs, results, registry, command)
     figure = write_figure(doc, out / "sequential.png")
