@@ -10,20 +10,10 @@ from kedit_core.bench.config import BenchConfig
 from kedit_core.bench.report import build_document, readme_section, render_markdown, update_readme, write_figure
 from kedit_core.cli import main
 from kedit_core.errors import KeditError
-from kedit_core.plugins import reset_registry
 from kedit_core.testing import tiny_model
 
 FT_HP = {"layers": [1], "lr": 0.05, "num_steps": 8}
 
-
-@pytest.fixture(scope="module")
-def registry():
-    import kedit_ft.plugin
-
-    reg = reset_registry(autoload=False)
-    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft", version="9.9")
-    yield reg
-    reset_registry()
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +34,8 @@ def config(data, **kw) -> BenchConfig:
     return BenchConfig.model_validate({**base, **kw})
 
 
-def test_plan_follows_capability_flags_and_options(registry, data):
-    jobs = runner.plan(config(data), registry)
+def test_plan_follows_capability_flags_and_options(ft_plugin, data):
+    jobs = runner.plan(config(data), ft_plugin)
     kinds = {(j.spec.method, j.spec.kind): j.spec for j in jobs}
     # FT supports batch and sequential editing: all four kinds, except what the options skip
     assert set(kinds) == {("ft-l", "counterfact"), ("ft-l", "batch"), ("ft-l", "zsre"), ("ft-l", "sequential"),
@@ -54,13 +44,13 @@ def test_plan_follows_capability_flags_and_options(registry, data):
     assert kinds[("ft-m", "zsre")].n == 2 and kinds[("ft-l", "zsre")].n == 3  # max_records caps
     assert kinds[("ft-l", "zsre")].fluency and not kinds[("ft-l", "counterfact")].fluency
     with pytest.raises(KeditError, match="unknown method 'nope'"):
-        runner.plan(config(data, methods=["nope"]), registry)
+        runner.plan(config(data, methods=["nope"]), ft_plugin)
     with pytest.raises(KeditError, match="unknown job kinds"):
-        runner.plan(config(data, options={"ft-l": {"skip": ["zrse"]}}), registry)
+        runner.plan(config(data, options={"ft-l": {"skip": ["zrse"]}}), ft_plugin)
 
 
-def test_job_key_depends_on_the_data_bytes(registry, data, tmp_path):
-    spec = runner.plan(config(data), registry)[0].spec
+def test_job_key_depends_on_the_data_bytes(ft_plugin, data, tmp_path):
+    spec = runner.plan(config(data), ft_plugin)[0].spec
     key = runner.job_key(spec)
     assert runner.job_key(spec) == key
     changed = tmp_path / "cf.json"
@@ -81,21 +71,21 @@ def test_config_file_errors_name_the_field(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bench_run(registry, data, tmp_path_factory):
+def bench_run(ft_plugin, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     model, tok = tiny_model("llama")
     cfg = config(data)
-    jobs = runner.plan(cfg, registry)
+    jobs = runner.plan(cfg, ft_plugin)
     results = runner.run_jobs(jobs, out, isolate=False, model=model, tokenizer=tok, progress=False)
     return cfg, jobs, results, out, (model, tok)
 
 
-def test_bench_tables_come_from_flags_and_jobs(bench_run, registry):
+def test_bench_tables_come_from_flags_and_jobs(bench_run, ft_plugin):
     cfg, jobs, results, out, _ = bench_run
     assert not [r for r in results.values() if "error" in r]
-    doc = build_document(cfg, jobs, results, registry, "kedit bench --test")
+    doc = build_document(cfg, jobs, results, ft_plugin, "kedit bench --test")
     t1 = {r["method"]: r for r in doc["table1"]}
-    caps = registry.method("ft-l").capabilities()
+    caps = ft_plugin.method("ft-l").capabilities()
     assert (t1["ft-l"]["batch"], t1["ft-l"]["sequential"], t1["ft-l"]["training"], t1["ft-l"]["edit_area"]) == (
         caps["batch"], caps["sequential"], caps["training"], caps["edit_area"])
     assert t1["ft-l"]["version"] == "9.9" and t1["ft-l"]["s_10_edits"] > 0 and t1["ft-l"]["s_10_edits_batch"] > 0
@@ -127,7 +117,7 @@ def test_rerun_reuses_cached_results(bench_run, monkeypatch):
     assert {k: r["metrics"] for k, r in again.items()} == {k: r["metrics"] for k, r in results.items()}
 
 
-def test_changed_source_reruns_unless_stale_results_are_accepted(bench_run, registry, monkeypatch):
+def test_changed_source_reruns_unless_stale_results_are_accepted(bench_run, ft_plugin, monkeypatch):
     cfg, jobs, results, out, (model, tok) = bench_run
     edited = [runner.PlannedJob(j.key, j.spec, (("method", "edited"), ("core", "x"))) for j in jobs[:1]]
     ran = []
@@ -140,14 +130,14 @@ def test_changed_source_reruns_unless_stale_results_are_accepted(bench_run, regi
     missing = [runner.PlannedJob("never-run-key", jobs[0].spec, jobs[0].sources)]
     got = runner.run_jobs(missing, out, isolate=False, progress=False, run_missing=False)
     assert got["never-run-key"]["not_run"] and len(ran) == 1
-    doc = build_document(cfg, missing, got, registry, "kedit bench --cached-only")
+    doc = build_document(cfg, missing, got, ft_plugin, "kedit bench --cached-only")
     assert doc["not_run"] == ["ft-l counterfact"] and doc["jobs"]["failed"] == 0 and doc["errors"] == {}
     assert "not run yet" in render_markdown(doc)
 
 
-def test_readme_section_is_the_rendered_json(bench_run, registry, tmp_path):
+def test_readme_section_is_the_rendered_json(bench_run, ft_plugin, tmp_path):
     cfg, jobs, results, _, _ = bench_run
-    doc = build_document(cfg, jobs, results, registry, "kedit bench")
+    doc = build_document(cfg, jobs, results, ft_plugin, "kedit bench")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nintro\n\n<!-- kedit-bench:begin -->\nold\n<!-- kedit-bench:end -->\n\nafter\n")
     update_readme(readme, render_markdown(doc))
@@ -163,9 +153,9 @@ def _plain(tmp_path):
     return p
 
 
-def test_compare_reports_changes(bench_run, registry, tmp_path, capsys):
+def test_compare_reports_changes(bench_run, ft_plugin, tmp_path, capsys):
     cfg, jobs, results, _, _ = bench_run
-    old = build_document(cfg, jobs, results, registry, "kedit bench")
+    old = build_document(cfg, jobs, results, ft_plugin, "kedit bench")
     new = json.loads(json.dumps(old))
     new["table2"][0]["reliability"] = old["table2"][0]["reliability"] - 0.25
     new["model_fingerprint"] = "another"

@@ -5,20 +5,12 @@ import json
 import pytest
 
 from kedit_core.cli import main
-from kedit_core.plugins import reset_registry
 from kedit_core.testing import state_fingerprint, tiny_model
 
 EDIT = ["--prompt", "The Eiffel Tower is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registry():
-    import kedit_ft.plugin
-
-    reg = reset_registry(autoload=False)
-    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
-    yield reg
-    reset_registry()
+pytestmark = pytest.mark.usefixtures("ft_plugin")
 
 
 @pytest.fixture(scope="module")

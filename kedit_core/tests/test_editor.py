@@ -3,20 +3,12 @@ import pytest
 from kedit_core.editor import Editor
 from kedit_core.errors import KeditError
 from kedit_core.patch import stack
-from kedit_core.plugins import reset_registry
 from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
 
 HP = {"layers": [1], "lr": 0.05, "num_steps": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ft_plugin():
-    import kedit_ft.plugin
-
-    reg = reset_registry(autoload=False)
-    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
-    yield reg
-    reset_registry()
+pytestmark = pytest.mark.usefixtures("ft_plugin")
 
 
 @pytest.fixture()

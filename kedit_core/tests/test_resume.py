@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from kedit_core.editor import Editor
 from kedit_core.errors import KeditError
-from kedit_core.plugins import reset_registry
 from kedit_core.request import EditRequest
 from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
 
@@ -23,14 +22,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ft_plugin():
-    import kedit_ft.plugin
-
-    reg = reset_registry(autoload=False)
-    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
-    yield reg
-    reset_registry()
+pytestmark = pytest.mark.usefixtures("ft_plugin")
 
 
 def requests() -> list[EditRequest]:
