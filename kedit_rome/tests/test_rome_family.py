@@ -220,7 +220,7 @@ def _tmp():
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3"])
 def test_value_optimization_is_the_same_in_one_pass_or_many(family):
-    """Rows run in several passes (body twice, output layer once) give the one-pass result."""
+    """Rows run in several passes (gradients added up over the passes) give the one-pass result."""
     from kedit_rome.pmet import PMETHyperparams
     from kedit_rome.value import optimize_values
 
@@ -229,11 +229,57 @@ def test_value_optimization_is_the_same_in_one_pass_or_many(family):
     sites = [arch.layer_path(2, arch.attn_out), arch.layer_path(2, arch.mlp_out)]
     templates = ["{}", "Hello there. {}", "I think. {}"]
     results = []
-    for rows in (100, 2):
-        opts = PMETHyperparams(v_num_grad_steps=4, rows_per_pass=rows, early_stop_nll=0.0)
+    for tokens in (10_000, 6):
+        opts = PMETHyperparams(v_num_grad_steps=4, tokens_per_pass=tokens, early_stop_nll=0.0)
         results.append(optimize_values(model, tok, arch, tiny_requests(), templates, sites, 2, opts))
     one, many = results
     assert one.steps == many.steps == 4
     for a, b in zip(one.deltas + one.initial, many.deltas + many.initial, strict=True):
         assert a.abs().max() > 0
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_passes_hold_every_row_once_within_the_token_budget():
+    """Rows are packed by suffix length into passes of at most ``tokens_per_pass`` padded tokens."""
+    from kedit_rome.value import _first_chunks, build_batch, loss_rows
+
+    model, tok = tiny_model("gpt2")
+    arch = resolve_architecture(model)
+    templates = ["{}", "Hello there. {}", "I think so, and more. {}"]
+    reqs = tiny_requests()
+    batch = build_batch(tok, reqs, templates, "cpu")
+    loss = loss_rows(batch, len(reqs), len(templates), 0.1)
+    suffix = batch.enc.attention_mask.long().sum(1) - batch.lookup
+    for budget in (1, 8, 20, 10_000):
+        chunks = _first_chunks(model, arch, batch, loss, 1, budget)
+        rows = torch.cat([c.rows for c in chunks])
+        assert sorted(rows.tolist()) == list(range(len(batch.owner)))
+        for c in chunks:
+            padded = len(c.rows) * int(suffix[c.rows].max())
+            assert padded <= budget or len(c.rows) == 1
+        if budget == 10_000:
+            assert len(chunks) == 1
+        # every loss entry is read by exactly one pass
+        assert sorted(torch.cat([c.entries for c in chunks]).tolist()) == list(range(len(loss.row)))
+
+
+def test_pmet_attention_clamp_moves_the_change_to_the_ffn():
+    """A tighter clamp on the attention vector keeps it within its bound and the FFN vector grows."""
+    from kedit_rome.pmet import PMETHyperparams
+    from kedit_rome.value import optimize_values_chunked
+
+    model, tok = tiny_model("gemma3", dtype=torch.float64)
+    arch = resolve_architecture(model)
+    sites = [arch.layer_path(2, arch.attn_out), arch.layer_path(2, arch.mlp_out)]
+    templates = ["{}", "Hello there. {}"]
+    opts = PMETHyperparams(v_num_grad_steps=8, early_stop_nll=0.0, clamp_norm_factor=50.0)
+    runs = []
+    for clamps in (None, [0.05, 50.0]):
+        runs.append(optimize_values_chunked(model, tok, arch, tiny_requests(), templates, sites, 2, opts, 100, clamps))
+    same, tight = runs
+    attn_norm = tight.initial[0].norm(dim=1)
+    assert bool((tight.deltas[0].norm(dim=1) <= 0.05 * attn_norm * (1 + 1e-6)).all())
+    assert float(same.deltas[0].norm(dim=1).mean()) > float(tight.deltas[0].norm(dim=1).mean())
+    assert float(tight.deltas[1].norm(dim=1).mean()) > float(same.deltas[1].norm(dim=1).mean())
+    with pytest.raises(ValueError, match="clamp factors"):
+        optimize_values_chunked(model, tok, arch, tiny_requests(), templates, sites, 2, opts, 100, [1.0])

@@ -19,12 +19,19 @@ from kedit_core.architecture import ArchitectureSpec
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from pydantic import Field
 
 from .spread_edit import SpreadHyperparams, spread_edit
 
 
 class PMETHyperparams(SpreadHyperparams):
     """PMET's knobs (see :class:`kedit_rome.spread_edit.SpreadHyperparams`)."""
+
+    #: norm clamp of the attention vector, in units of the attention output's norm (default:
+    #: ``clamp_norm_factor``, as for the FFN vector). Adam moves both vectors by about ``v_lr`` per
+    #: coordinate a step, so the clamps decide how the change is shared: where the attention output
+    #: is the larger one, the same factor lets the discarded attention vector carry most of it.
+    attn_clamp_norm_factor: float | None = Field(default=None, gt=0)
 
 
 class PMET(EditMethod):

@@ -33,9 +33,9 @@ class SpreadHyperparams(Hyperparams, ValueOptions, StatsOptions):
     #: lambda in ``lambda C + K K^T`` (C is the per-token mean second moment)
     mom2_update_weight: float = Field(default=15000.0, gt=0)
     batch_size: int = Field(default=1000, ge=1)
-    #: requests whose free vectors are optimized together (they are independent; the output layer
-    #: is read once per step for the whole group, so larger groups are faster; memory grows by
-    #: ~1 MB per request for the essence reference distribution)
+    #: requests whose free vectors are optimized together (they are independent; larger groups
+    #: fill the passes better; memory grows by ~1 MB per request for the essence reference
+    #: distribution)
     value_batch_size: int = Field(default=100, ge=1)
 
 
@@ -47,8 +47,12 @@ def spread_edit(method: Any, model: Any, tokenizer: Any, requests: list[EditRequ
     templates = templates_for(model, tokenizer, hparams, ctx)
     stats = second_moment_for(model, tokenizer, arch, layers, hparams, ctx)
     sites = ([arch.layer_path(top, arch.attn_out)] if attention_too else []) + [arch.layer_path(top, arch.mlp_out)]
+    clamps = None
+    if attention_too:
+        attn_clamp = getattr(hparams, "attn_clamp_norm_factor", None)
+        clamps = [hparams.clamp_norm_factor if attn_clamp is None else attn_clamp, hparams.clamp_norm_factor]
     result = optimize_values_chunked(model, tokenizer, arch, requests, templates, sites, top, hparams,
-                                     hparams.value_batch_size)
+                                     hparams.value_batch_size, clamps)
     norm = arch.module(model, top, arch.post_mlp_norm) if arch.post_mlp_norm else None
     ffn_change = mlp_output_effect(norm, result.initial[-1], result.deltas[-1])
     z = hidden_at_subject(model, tokenizer, arch, requests, top) + ffn_change
