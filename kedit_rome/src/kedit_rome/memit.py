@@ -47,4 +47,4 @@ class MEMIT(EditMethod):
 
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: MEMITHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        return spread_edit(self, model, tokenizer, requests, hparams, arch, ctx, attention_too=False)
+        return spread_edit(self, model, tokenizer, requests, hparams, arch, ctx)

@@ -47,4 +47,5 @@ class PMET(EditMethod):
 
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: PMETHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        return spread_edit(self, model, tokenizer, requests, hparams, arch, ctx, attention_too=True)
+        attn_clamp = hparams.clamp_norm_factor if hparams.attn_clamp_norm_factor is None else hparams.attn_clamp_norm_factor
+        return spread_edit(self, model, tokenizer, requests, hparams, arch, ctx, attn_clamp)

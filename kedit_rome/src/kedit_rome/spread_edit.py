@@ -40,17 +40,16 @@ class SpreadHyperparams(Hyperparams, ValueOptions, StatsOptions):
 
 
 def spread_edit(method: Any, model: Any, tokenizer: Any, requests: list[EditRequest], hparams: SpreadHyperparams,
-                arch: ArchitectureSpec, ctx: EditContext, attention_too: bool) -> Patch:
-    """Steps 1-3 above; ``attention_too``: also optimize a vector at the attention output (PMET)."""
+                arch: ArchitectureSpec, ctx: EditContext, attn_clamp: float | None = None) -> Patch:
+    """Steps 1-3 above; with ``attn_clamp`` (PMET) a vector at the attention output is optimized too,
+    its norm clamped to ``attn_clamp`` times the attention output's norm."""
     layers = sorted(set(hparams.layers))
     top = layers[-1]
     templates = templates_for(model, tokenizer, hparams, ctx)
     stats = second_moment_for(model, tokenizer, arch, layers, hparams, ctx)
-    sites = ([arch.layer_path(top, arch.attn_out)] if attention_too else []) + [arch.layer_path(top, arch.mlp_out)]
-    clamps = None
-    if attention_too:
-        attn_clamp = getattr(hparams, "attn_clamp_norm_factor", None)
-        clamps = [hparams.clamp_norm_factor if attn_clamp is None else attn_clamp, hparams.clamp_norm_factor]
+    sites, clamps = [arch.layer_path(top, arch.mlp_out)], [hparams.clamp_norm_factor]
+    if attn_clamp is not None:
+        sites, clamps = [arch.layer_path(top, arch.attn_out), *sites], [attn_clamp, *clamps]
     result = optimize_values_chunked(model, tokenizer, arch, requests, templates, sites, top, hparams,
                                      hparams.value_batch_size, clamps)
     norm = arch.module(model, top, arch.post_mlp_norm) if arch.post_mlp_norm else None
