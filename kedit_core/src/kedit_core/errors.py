@@ -23,6 +23,10 @@ class FingerprintMismatch(PatchError):
     """A patch was computed on other weights than the model it is applied to."""
 
 
+class CheckpointError(KeditError):
+    """A trained editor's checkpoint is missing, malformed, or was trained for another model."""
+
+
 class ArchitectureError(KeditError):
     """The model's architecture is not in the registry, or a module path does not resolve."""
 

@@ -32,11 +32,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from pydantic import Field
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import KeditError, RequestError
+from .errors import CheckpointError, KeditError, RequestError
 from .fsutil import atomic_path, atomic_write_text
 from .hparams import Hyperparams
 
@@ -339,10 +340,87 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A trained checkpoint: (tensors of ``model.safetensors``, ``config.json``)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained checkpoint as read from disk: its tensors, its ``config.json`` and its id.
+
+    ``id`` is the sha256 of the canonical ``config.json`` (sorted keys, no whitespace) and of every
+    tensor (name, dtype, shape, bytes): everything that shapes an edit, so patches that record it
+    name the editor exactly. Consumers must not change ``tensors`` in place (they may be cached).
+    """
+
+    directory: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    id: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The ``config`` section of ``config.json`` (what rebuilds the trained component)."""
+        return self.meta["config"]
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read and check a checkpoint directory; anything malformed is a one-line :class:`CheckpointError`."""
     directory = Path(directory)
     weights, config = directory / MODEL_FILE, directory / CONFIG_FILE
     if not weights.is_file() or not config.is_file():
-        raise KeditError(f"{directory} is not a kedit training checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
-    return load_file(str(weights)), json.loads(config.read_text(encoding="utf-8"))
+        raise CheckpointError(f"{directory} is not a kedit training checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({one_line(exc)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{config}: needs a JSON object with a 'config' object")
+    try:  # from bytes, not memory-mapped: a later rewrite of the file cannot pull the data away (SIGBUS)
+        tensors = load_safetensors(weights.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own and builtin errors for a bad file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({one_line(exc)})") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{weights}: tensor {name!r} holds NaN or infinite values")
+    return Checkpoint(directory, tensors, meta, checkpoint_id(meta, tensors))
+
+
+def checkpoint_id(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of the canonical ``config.json`` and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(b"kedit-checkpoint-v1\0")
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A trained checkpoint: (tensors of ``model.safetensors``, ``config.json``), checked by :func:`read_checkpoint`."""
+    ckpt = read_checkpoint(directory)
+    return ckpt.tensors, ckpt.meta
+
+
+class CheckpointCache:
+    """The last checkpoint read, reused while neither file has changed (path, size, mtime, inode).
+
+    Methods keep one per instance so that sequential edits do not re-read and re-hash the files.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._value: Checkpoint | None = None
+
+    def read(self, directory: str | Path) -> Checkpoint:
+        directory = Path(directory)
+        try:
+            stats = [(directory / f).stat() for f in (MODEL_FILE, CONFIG_FILE)]
+        except OSError:
+            return read_checkpoint(directory)  # missing files: read_checkpoint says what is wrong
+        key = (str(directory.resolve()), *((s.st_size, s.st_mtime_ns, s.st_ino, s.st_dev) for s in stats))
+        if key != self._key or self._value is None:
+            self._value, self._key = read_checkpoint(directory), key
+        return self._value
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

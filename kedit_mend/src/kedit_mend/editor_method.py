@@ -10,10 +10,9 @@ network (identity gradient network, initial step size), which is logged as a war
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
-import hashlib
+import functools
 import logging
+from abc import abstractmethod
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,13 +22,13 @@ from pydantic import Field
 from torch import nn
 
 from kedit_core.architecture import ArchitectureSpec, get_parameter
-from kedit_core.errors import KeditError
+from kedit_core.errors import CheckpointError
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.ops.logits import model_device
 from kedit_core.ops.tokens import encode_pairs
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-from kedit_core.trainer import MODEL_FILE, TrainingHyperparams, load_checkpoint
+from kedit_core.trainer import Checkpoint, CheckpointCache, TrainingHyperparams, one_line
 
 from . import __version__
 from .gradient_factors import gradient_factors
@@ -75,8 +74,40 @@ def excluded_ids(tokenizer: Any, hparams: Any) -> list[int] | None:
     return list(tokenizer.all_special_ids) if hparams.exclude_special_tokens else None
 
 
-def file_id(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def check_trained_for(ckpt: Checkpoint, model: nn.Module, arch: ArchitectureSpec, ctx: EditContext) -> None:
+    """Refuse a checkpoint whose edited weights, or whose base model's fingerprint, are not this model's."""
+    config, where = ckpt.config, ckpt.directory
+    params, shapes = config.get("params"), config.get("shapes")
+    if not (isinstance(shapes, dict) and isinstance(params, list) and params
+            and all(isinstance(p, str) and p in shapes for p in params)):
+        raise CheckpointError(f"{where}: config.json needs 'params' (a list of weight names) and their 'shapes'")
+    for p, shape in shapes.items():
+        try:
+            actual = list(arch.weight(model, p).shape)
+        except Exception as exc:  # noqa: BLE001 - any failure to find the weight means another model
+            raise CheckpointError(f"{where}: trained for another model ({one_line(exc)})") from None
+        if actual != shape:
+            raise CheckpointError(f"{where}: trained for {p} of shape {shape}, this model's is {actual}")
+    base = config.get("base_model", {})
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint", ""), str):
+        raise CheckpointError(f"{where}: config.json 'base_model' must be an object with a string 'fingerprint'")
+    expected = base.get("fingerprint")
+    if expected and ctx.model_fingerprint and expected != ctx.model_fingerprint:
+        raise CheckpointError(f"{where}: trained for the model with fingerprint {expected} ({base.get('id')}), "
+                              f"this model's is {ctx.model_fingerprint} (weights and dtype must match); "
+                              "train a checkpoint for this model")
+
+
+def tensor_mismatch(expected: dict[str, list[int]], tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between the tensors a config implies and those a checkpoint holds, if any."""
+    for name in sorted(expected.keys() | tensors.keys()):
+        if name not in tensors:
+            return f"model.safetensors lacks tensor {name!r} (config.json implies shape {expected[name]})"
+        if name not in expected:
+            return f"model.safetensors holds tensor {name!r}, which config.json does not describe"
+        if list(tensors[name].shape) != expected[name]:
+            return f"tensor {name!r} has shape {list(tensors[name].shape)}, config.json implies {expected[name]}"
+    return None
 
 
 class TrainedEditorMethod(EditMethod):
@@ -99,34 +130,48 @@ class TrainedEditorMethod(EditMethod):
     def network_from_config(self, config: dict[str, Any]) -> nn.Module:
         """The network described by a checkpoint's ``config.json``."""
 
+    def config_mismatch(self, config: dict[str, Any], model: nn.Module) -> str | None:
+        """Why a checkpoint's network ``config`` cannot run on ``model`` beyond the edited weights' shapes, if it cannot."""
+        return None
+
     def edited_params(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any) -> tuple[list[str], dict[str, list[int]]]:
         n = arch.num_layers(model)
         params = [arch.mlp_out_param(layer % n) for layer in hparams.layers]
         return params, {p: list(arch.weight(model, p).shape) for p in params}
 
+    @functools.cached_property
+    def _checkpoints(self) -> CheckpointCache:
+        return CheckpointCache()
+
     def load_network(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any, ctx: EditContext) -> tuple[nn.Module, dict[str, Any]]:
-        ckpt = resolve_checkpoint(hparams, ctx)
-        if ckpt is None:
+        """The trained network (checked against ``model`` before anything runs) and its provenance."""
+        path = resolve_checkpoint(hparams, ctx)
+        if path is None:
             log.warning("%s: no trained checkpoint configured; using the untrained editor network", self.name)
             return self.build_network(model, arch, hparams), {"source": "untrained"}
-        tensors, meta = load_checkpoint(ckpt)
-        config = meta.get("config", {})
-        if config.get("kind") != self.network_kind:
-            raise KeditError(f"{ckpt}: a {config.get('kind')!r} checkpoint, not a {self.network_kind!r} editor")
-        for p, shape in config["shapes"].items():
-            try:
-                actual = list(arch.weight(model, p).shape)
-            except Exception as exc:  # noqa: BLE001 - any failure to find the weight means another model
-                raise KeditError(f"{ckpt}: trained for another model ({exc})") from None
-            if actual != list(shape):
-                raise KeditError(f"{ckpt}: trained for {p} of shape {shape}, this model's is {actual}")
-        fp = config.get("base_model", {}).get("fingerprint")
-        if fp and ctx.model_fingerprint and fp != ctx.model_fingerprint:
-            log.warning("%s: checkpoint %s was trained on another model (fingerprint %s, this one %s)",
-                        self.name, ckpt, fp, ctx.model_fingerprint)
-        net = self.network_from_config(config)
-        net.load_state_dict(tensors, strict=True)
-        return net, {"source": str(ckpt), "id": file_id(ckpt / MODEL_FILE)}
+        ckpt = self._checkpoints.read(path)
+        if ckpt.config.get("kind") != self.network_kind:
+            raise CheckpointError(f"{path}: a {ckpt.config.get('kind')!r} checkpoint, not a {self.network_kind!r} editor")
+        check_trained_for(ckpt, model, arch, ctx)
+        problem = self.config_mismatch(ckpt.config, model)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+        return self.checked_network(ckpt), {"source": str(path), "id": ckpt.id}
+
+    def checked_network(self, ckpt: Checkpoint) -> nn.Module:
+        """The network ``ckpt.config`` describes, holding ``ckpt.tensors``; config and tensors must agree."""
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated for a config that is wrong
+                expected = {k: list(v.shape) for k, v in self.network_from_config(ckpt.config).state_dict().items()}
+        except Exception as exc:  # noqa: BLE001 - any failure to build from the config means a malformed config
+            raise CheckpointError(f"{ckpt.directory}: config.json does not describe a {self.network_kind} network "
+                                  f"({type(exc).__name__}: {one_line(exc)})") from None
+        problem = tensor_mismatch(expected, ckpt.tensors)
+        if problem:
+            raise CheckpointError(f"{ckpt.directory}: {problem}")
+        net = self.network_from_config(ckpt.config)
+        net.load_state_dict(ckpt.tensors, strict=True)
+        return net
 
     # -- editing ----------------------------------------------------------------------------------
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: Any, arch: ArchitectureSpec,
