@@ -12,19 +12,20 @@ forward and generate calls through it (:mod:`.memory`).
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 from importlib import resources
 from pathlib import Path
+
 import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec
-from kedit_core.errors import KeditError, PatchError
+from kedit_core.errors import CheckpointError, KeditError, PatchError
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-from kedit_core.trainer import MODEL_FILE, TrainingHyperparams, load_checkpoint
+from kedit_core.trainer import Checkpoint, CheckpointCache, TrainingHyperparams
 
 from . import __version__
 from .counterfactual import context
@@ -69,6 +70,30 @@ def checkpoint_dir(ctx: EditContext) -> Path:
     return Path(str(resources.files("kedit_serac") / "checkpoints" / PACKAGED_CHECKPOINT))
 
 
+def check_scope_checkpoint(ckpt: Checkpoint, dim: int) -> list[str]:
+    """The demonstrations of a scope-classifier checkpoint for an encoder of size ``dim``, once its
+    config and tensors are checked (a malformed one is a :class:`CheckpointError`)."""
+    config, tensors, where = ckpt.config, ckpt.tensors, ckpt.directory
+    if config.get("encoder") != ENCODER_ID:
+        raise CheckpointError(f"{where}: not a SERAC scope-classifier checkpoint for {ENCODER_ID}")
+    demos = config.get("demonstrations", [])
+    if not isinstance(demos, list) or not all(isinstance(d, str) for d in demos):
+        raise CheckpointError(f"{where}: config.json 'demonstrations' must be a list of strings")
+    for name in sorted(set(STATE_KEYS) | tensors.keys()):
+        if name not in tensors:
+            raise CheckpointError(f"{where}: model.safetensors lacks tensor {name!r}")
+        if name not in STATE_KEYS:
+            raise CheckpointError(f"{where}: model.safetensors holds tensor {name!r}, which a scope classifier lacks")
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, not floating point")
+        if name == "proj" and list(t.shape) != [dim, dim]:
+            raise CheckpointError(f"{where}: tensor 'proj' has shape {list(t.shape)}, the encoder needs [{dim}, {dim}]")
+        if name != "proj" and t.numel() != 1:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected one value")
+    return demos
+
+
 class SERAC(EditMethod):
     name = "serac"
     hparams_class = SERACHyperparams
@@ -79,16 +104,18 @@ class SERAC(EditMethod):
     kind = PatchKind.MEMORY
     preset_package = "kedit_serac"
 
+    @functools.cached_property
+    def _checkpoints(self) -> CheckpointCache:
+        return CheckpointCache()
+
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: SERACHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        ckpt = checkpoint_dir(ctx)
-        tensors, config = load_checkpoint(ckpt)
-        if config.get("config", {}).get("encoder") != ENCODER_ID:
-            raise KeditError(f"{ckpt}: not a SERAC scope-classifier checkpoint for {ENCODER_ID}")
-        demos = config["config"].get("demonstrations", [])[: hparams.n_demonstrations]
-        keys = shared_encoder().embed([edit_text(r) for r in requests])
+        ckpt = self._checkpoints.read(checkpoint_dir(ctx))
+        encoder = shared_encoder()
+        demos = check_scope_checkpoint(ckpt, encoder.dim)[: hparams.n_demonstrations]
+        keys = encoder.embed([edit_text(r) for r in requests])
         bind_tokenizer(model, tokenizer)
-        state = {f"state/scope_classifier/{k}": tensors[k].float() for k in STATE_KEYS}
+        state = {f"state/scope_classifier/{k}": ckpt.tensors[k].float().clone() for k in STATE_KEYS}
         state["state/memory/keys"] = keys
         return Patch.create(
             method=self.name, kind=self.kind, model=model, tensors=state,
@@ -97,7 +124,7 @@ class SERAC(EditMethod):
             plugin="kedit-serac", plugin_version=__version__, fingerprint_params=identity_params(model),
             extra={"encoder": ENCODER_ID, "threshold": hparams.threshold,
                    "contexts": [context(demos, r.prompt, r.target_new) for r in requests],
-                   "checkpoint": {"source": str(ckpt), "id": file_id(ckpt / MODEL_FILE)}},
+                   "checkpoint": {"source": str(ckpt.directory), "id": ckpt.id}},
         )
 
     def attach(self, model, patch: Patch, arch: ArchitectureSpec):
@@ -130,6 +157,3 @@ def scope_router(classifier: ScopeClassifier, keys: torch.Tensor, threshold: flo
 
     return route
 
-
-def file_id(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
