@@ -7,13 +7,14 @@ the MLP output is normalized before it joins the residual stream (Gemma 2/3).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, HparamsError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ArchitectureSpec:
     post_mlp_norm: str | None = None
     #: attention and MLP read the same residual (GPT-J, GPT-NeoX)
     parallel_attn_mlp: bool = False
+    #: config attributes that may hold the number of positions the model accepts (first one set wins)
+    positions_config: tuple[str, ...] = ("max_position_embeddings", "n_positions", "n_ctx")
 
     @property
     def mlp_output_normalized(self) -> bool:
@@ -56,6 +59,42 @@ class ArchitectureSpec:
         if not -len(layers) <= index < len(layers):
             raise ArchitectureError(f"layer {index} out of range: the model has {len(layers)} layers")
         return layers[index]
+
+    def check_layer(self, model: nn.Module, index: int, what: str = "layer") -> int:
+        """The layer index of hyperparameter ``what`` as ``0..n-1``; see :meth:`check_layers`."""
+        return self.check_layers(model, [index], what)[0]
+
+    def check_layers(self, model: nn.Module, indices: Iterable[int], what: str = "layers") -> list[int]:
+        """Layer indices of hyperparameter ``what``, checked against this model and returned as ``0..n-1``.
+
+        The one rule for every method: ``0..n-1`` count from the first layer, ``-n..-1`` from the end
+        (``-1`` is the last layer, as in Python). Anything else, and a layer named twice (``[1, 1]``, or
+        ``[-1, 3]`` on a 4-layer model), is a one-line :class:`HparamsError` naming ``what``.
+        """
+        n = self.num_layers(model)
+        out: list[int] = []
+        given = list(indices)
+        for index in given:
+            if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+                raise HparamsError(
+                    f"hyperparameter {what!r}: layer {index!r} is out of range for this model's {n} layers "
+                    f"(valid: 0..{n - 1}, or -{n}..-1 counting from the end)"
+                )
+            layer = index % n
+            if layer in out:
+                raise HparamsError(f"hyperparameter {what!r}: layer {layer} is named twice in {given}")
+            out.append(layer)
+        return out
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """How many token positions the model accepts (its config's ``max_position_embeddings`` or
+        equivalent, see ``positions_config``), or None where the config does not say."""
+        config = getattr(model, "config", None)
+        for attr in self.positions_config:
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
 
     def layer_path(self, index: int, rel: str = "") -> str:
         return f"{self.layers}.{index}" + (f".{rel}" if rel else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,13 +16,14 @@ from tqdm.auto import tqdm
 
 from .architecture import ArchitectureSpec, get_parameter, resolve_architecture
 from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
-from .errors import KeditError, RequestError
+from .errors import EditError, KeditError, RequestError
 from .evaluate import Evaluator
 from .evaluate.metrics import PROTOCOLS, mean
 from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod, PatchKind
 from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint, model_key
 from .patch import AppliedPatch, Patch
+from .preflight import check_batch_conflicts, check_lengths
 from .plugins import get_registry
 from .request import EditRequest
 from .runstate import RunState, run_signature
@@ -155,7 +157,7 @@ class Editor:
         self.progress = progress
         self._ctx = EditContext(
             model_id=self.model_info.id,
-            model_fingerprint=model_fingerprint(self.model),
+            model_fingerprint=self.model_info.fingerprint or model_fingerprint(self.model),
             cache_dir=Path(cache) if cache else cache_dir(),
             checkpoint=Path(checkpoint) if checkpoint else None,
             progress=progress,
@@ -171,15 +173,35 @@ class Editor:
 
     # -- single steps ---------------------------------------------------------------------------
     def compute_patch(self, requests: Any, parent: Patch | None = None) -> Patch:
-        """The patch for ``requests`` on the model as it is now; the model is left unchanged."""
+        """The patch for ``requests`` on the model as it is now; the model is left unchanged.
+
+        The requests are checked first (:meth:`check_requests`); an unexpected exception of the
+        method becomes an :class:`EditError` naming it, the original kept as ``__cause__``.
+        """
         reqs = as_requests(requests)
         if len(reqs) > 1 and not self.method.supports_batch:
             raise KeditError(f"method {self.method.name!r} edits one request at a time (no batch editing)")
-        patch = self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx)
+        self.check_requests(reqs, batch_size=len(reqs))
+        try:
+            patch = self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx)
+        except KeditError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EditError(f"method {self.method.name!r} failed: {type(exc).__name__}: {first}") from exc
         if parent is not None and not patch.parent:
             patch.metadata["parent"] = parent.patch_id
             patch.metadata["patch_id"] = patch.content_id()
         return patch
+
+    def check_requests(self, requests: list[EditRequest], batch_size: int = 1, fluency: bool = False) -> None:
+        """Refuse, before anything is edited, texts longer than the model's positions and batches of
+        ``batch_size`` that ask one prompt for two targets (:mod:`kedit_core.preflight`)."""
+        generate = self.evaluator().max_new_tokens if fluency else 0
+        check_lengths(requests, self.tokenizer, self.arch.max_positions(self.model), generate_tokens=generate)
+        if batch_size > 1:
+            for lo in range(0, len(requests), batch_size):
+                check_batch_conflicts(requests[lo : lo + batch_size], offset=lo)
 
     def evaluator(self, fluency: bool = False) -> Evaluator:
         return Evaluator(self.model, self.tokenizer, fluency=fluency)
@@ -205,64 +227,76 @@ class Editor:
         weights when ``edit`` returns; ``False`` leaves the edits in the model.
         ``run_dir`` (sequential only): save progress there after every chunk and resume from it
         (:mod:`kedit_core.runstate`) -- an interrupted run started again loses and repeats no edit.
+        One process at a time may use a run directory.
+
+        Editing is a transaction: the requests are checked before the first edit (texts longer than
+        the model's positions, contradictory requests in one batch: refused with their record index),
+        and should anything fail later -- a method's error, a patch that does not apply, an
+        interrupt -- the model is put back bit-exactly as it was before the call and the error
+        raised. A run with ``run_dir`` keeps its progress on disk up to the last saved edit; calling
+        ``edit`` again with the same arguments resumes there.
         """
         reqs = as_requests(requests)
         bs = batch_size or int(getattr(self.hparams, "batch_size", 1) or 1)
+        self._check_run(len(reqs), bs, sequential, keep_original_weight, run_dir)
+        self.check_requests(reqs, batch_size=bs, fluency=fluency)
+        result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
+        run = None
+        if run_dir is not None:
+            run = RunState(run_dir, run_signature(self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint,
+                                                  reqs, bs, fluency))
+        with run.locked() if run is not None else contextlib.nullcontext():
+            try:
+                self._run(result, evaluate=evaluate, fluency=fluency, keep=keep_original_weight,
+                          on_chunk=on_chunk, run=run)
+            except BaseException:
+                self.restore(result)  # the transaction: the model as it was before the call
+                raise
+        if keep_original_weight:
+            self.restore(result)
+        result.peak_rss_mb = peak_rss_mb()
+        result.peak_cuda_mb = peak_cuda_mb()
+        return result
+
+    def _check_run(self, n: int, bs: int, sequential: bool, keep: bool, run_dir: Any) -> None:
         if bs > 1 and not self.method.supports_batch:
             raise KeditError(f"method {self.method.name!r} does not support batch editing; use batch_size=1")
         if sequential and not self.method.supports_sequential:
             raise KeditError(f"method {self.method.name!r} does not support sequential editing")
-        chunks = [reqs[i : i + bs] for i in range(0, len(reqs), bs)]
-        if not sequential and not keep_original_weight and len(chunks) > 1:
+        if not sequential and not keep and n > bs:
             raise KeditError(
                 "independent edits of several chunks cannot all stay in the model; use sequential=True "
                 "or one chunk (batch_size >= number of requests)"
             )
         if run_dir is not None and not sequential:
             raise KeditError("run_dir (resumable runs) needs sequential=True")
+
+    def _run(self, result: EditResult, *, evaluate: bool, fluency: bool, keep: bool,
+             on_chunk: Callable[[int, EditResult], None] | None, run: RunState | None) -> None:
+        """The chunks of :meth:`edit`; whatever it leaves applied is in ``result.handles``/``baseline``."""
+        reqs, bs, sequential = result.requests, result.batch_size, result.sequential
         ev = self.evaluator(fluency=fluency)
-        result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
-        refs = None
-        parent: Patch | None = None
-        done = 0
-        run = saved = None
-        if run_dir is not None:
-            run = RunState(run_dir, run_signature(self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint,
-                                                  reqs, bs, fluency))
-            saved = run.load()
-        if saved is not None:
-            refs = RunState.references(saved) if evaluate else None
-            result.pre, result.post = saved["pre"], saved["post"]
-            result.edit_seconds = saved["edit_seconds"]
-            result.rss_mb_curve = [tuple(x) for x in saved["rss_mb_curve"]]
-            result.patches = run.patches()
-            for patch in result.patches:  # the model as it was after the last saved edit
-                result.handles.append(self._apply_kept(patch, result))
-                parent = patch
-            done = saved["done"]
-            log.info("resuming %s from %s: %d of %d requests done", self.method.name, run_dir, done, len(reqs))
-        elif evaluate:
+        refs, parent, done = self._resume(result, run, evaluate)
+        if refs is None and evaluate and done == 0:
             result.pre, refs = ev.evaluate_with_reference(reqs)
         bar = tqdm(total=len(reqs), initial=done, desc=f"{self.method.name} edits", unit="edit", disable=not self.progress)
         try:
-            for chunk in chunks[done // bs :]:
+            for lo in range(done, len(reqs), bs):
+                chunk = reqs[lo : lo + bs]
                 self._ctx.applied = [h.patch for h in result.handles]
                 t0 = time.perf_counter()
-                patch = self.compute_patch(chunk, parent if sequential else None)
+                patch = self._chunk_patch(chunk, parent if sequential else None, lo)
                 handle = self._apply_sequential(patch, result) if sequential else patch.apply(self.model)
+                result.handles.append(handle)  # in the result at once: should anything below fail, it is reverted
                 result.edit_seconds.append(time.perf_counter() - t0)
                 result.patches.append(patch)
                 if evaluate:
-                    lo = done
                     result.post.extend(ev.evaluate(chunk, refs[lo : lo + len(chunk)] if refs else None))
                 if sequential:
-                    result.handles.append(handle)
                     parent = patch
-                elif keep_original_weight or len(chunks) > 1:
-                    handle.revert()
-                else:
-                    result.handles.append(handle)
-                done += len(chunk)
+                elif keep or len(reqs) > bs:
+                    result.handles.pop().revert()
+                done = lo + len(chunk)
                 result.rss_mb_curve.append((done, current_rss_mb()))
                 if run is not None:
                     run.save(result, refs, done, patch, self.method.cumulative_patches)
@@ -273,11 +307,32 @@ class Editor:
                 result.post_final = ev.evaluate(reqs, refs)
         finally:
             bar.close()
-            if keep_original_weight:
-                self.restore(result)
-        result.peak_rss_mb = peak_rss_mb()
-        result.peak_cuda_mb = peak_cuda_mb()
-        return result
+
+    def _resume(self, result: EditResult, run: RunState | None, evaluate: bool) -> tuple[Any, Patch | None, int]:
+        """Load a saved run into ``result`` and apply its patches: (references, newest patch, requests done)."""
+        saved = run.load() if run is not None else None
+        if saved is None:
+            return None, None, 0
+        refs = RunState.references(saved) if evaluate else None
+        result.pre, result.post = saved["pre"], saved["post"]
+        result.edit_seconds = saved["edit_seconds"]
+        result.rss_mb_curve = [tuple(x) for x in saved["rss_mb_curve"]]
+        parent = None
+        for patch in run.patches():  # the model as it was after the last saved edit
+            result.handles.append(self._apply_kept(patch, result))
+            result.patches.append(patch)
+            parent = patch
+        log.info("resuming %s from %s: %d of %d requests done", self.method.name, run.dir, saved["done"],
+                 len(result.requests))
+        return refs, parent, saved["done"]
+
+    def _chunk_patch(self, chunk: list[EditRequest], parent: Patch | None, lo: int) -> Patch:
+        """:meth:`compute_patch` for the requests ``lo..`` of a run; a method's failure names them."""
+        try:
+            return self.compute_patch(chunk, parent)
+        except EditError as exc:
+            where = f"record {lo}" if len(chunk) == 1 else f"records {lo}-{lo + len(chunk) - 1}"
+            raise EditError(f"{where}: {exc}") from exc.__cause__
 
     def _apply_sequential(self, patch: Patch, result: EditResult) -> AppliedPatch:
         """Apply the next patch of a sequential run.

@@ -15,6 +15,14 @@ class HparamsError(KeditError, ValueError):
     """A hyperparameter file or mapping does not validate."""
 
 
+class EditError(KeditError):
+    """An editing method failed while computing an edit (its original exception is the ``__cause__``)."""
+
+
+class RunLocked(KeditError):
+    """A resumable run's directory is in use by another process."""
+
+
 class PatchError(KeditError):
     """A patch file is corrupt, or cannot be applied or reverted."""
 

@@ -9,22 +9,32 @@ after the patch it names, so a kill at any moment leaves a consistent state.
 
 Methods whose sequential patches each carry the whole state (``EditMethod.cumulative_patches``) keep
 only the newest patch on disk.
+
+One process at a time: a run holds an exclusive lock on ``DIR/run.lock`` (``fcntl.flock``, released
+when the run ends or its process dies); a second run on the same directory fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import KeditError
+from .errors import KeditError, RunLocked
 from .evaluate.evaluator import Reference
 from .fsutil import atomic_write_text
 from .patch import Patch
 
 STATE_FILE = "run.json"
 PATCH_DIR = "patches"
+LOCK_FILE = "run.lock"
+
+log = logging.getLogger(__name__)
 
 
 def run_signature(method: str, hparams: dict[str, Any], model_fingerprint: str, requests: list[Any],
@@ -42,6 +52,32 @@ class RunState:
         self.dir = Path(directory)
         self.signature = json.loads(json.dumps(signature, default=str))
         self.patch_files: list[str] = []
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[RunState]:
+        """Hold the directory's exclusive lock for the run; raises :class:`RunLocked` at once if another
+        process (or another run of this one) holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            log.warning("%s: file locking is not available here; do not start a second run on it", self.dir)
+            yield self
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunLocked(f"{self.dir} is in use by another run (process {holder} holds {path}); "
+                                "wait for it to end or use another run directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def load(self) -> dict[str, Any] | None:
         """The saved progress, or None for a new run; refuses a directory of a different run."""
