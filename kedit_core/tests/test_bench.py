@@ -17,11 +17,11 @@ FT_HP = {"layers": [1], "lr": 0.05, "num_steps": 8}
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
+def data(shipped_data, tmp_path_factory):
     """The first records of the real ZsRE and CounterFact files."""
     d = tmp_path_factory.mktemp("bench-data")
     for name, n in (("zsre.json", 4), ("counterfact.json", 3)):
-        records = json.loads((shared_data / name).read_text())[:n]
+        records = json.loads((shipped_data / name).read_text())[:n]
         (d / name).write_text(json.dumps(records))
     return d
 

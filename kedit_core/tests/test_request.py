@@ -6,9 +6,9 @@ from kedit_core.errors import RequestError
 from kedit_core.request import EditRequest, detect_format, load_requests, requests_from_records
 
 
-def test_counterfact_real_file(shared_data):
-    reqs = load_requests(shared_data / "counterfact.json")
-    raw = json.loads((shared_data / "counterfact.json").read_text())
+def test_counterfact_real_file(shipped_data):
+    reqs = load_requests(shipped_data / "counterfact.json")
+    raw = json.loads((shipped_data / "counterfact.json").read_text())
     assert len(reqs) == len(raw) == 299
     r, rec = reqs[0], raw[0]["requested_rewrite"]
     assert r.prompt == rec["prompt"].format(rec["subject"]) and r.subject == rec["subject"]
@@ -18,9 +18,9 @@ def test_counterfact_real_file(shared_data):
     assert r.case_id == str(raw[0]["case_id"])
 
 
-def test_zsre_real_file_with_portability(shared_data):
-    reqs = load_requests(shared_data / "zsre.json")
-    raw = json.loads((shared_data / "zsre.json").read_text())
+def test_zsre_real_file_with_portability(shipped_data):
+    reqs = load_requests(shipped_data / "zsre.json")
+    raw = json.loads((shipped_data / "zsre.json").read_text())
     assert len(reqs) == 837
     r, rec = reqs[3], raw[3]
     assert (r.prompt, r.subject, r.target_new, r.ground_truth) == (rec["src"], rec["subject"], rec["alt"], rec["answers"][0])
@@ -29,14 +29,31 @@ def test_zsre_real_file_with_portability(shared_data):
     assert r.portability[0].prompt == rec["portability"]["New Question"]
 
 
-def test_zsre_train_reports_empty_target(shared_data):
+def test_zsre_train_reports_empty_target(shipped_data):
     with pytest.raises(RequestError, match=r"record \d+: target_new: .*at least 1 character"):
-        load_requests(shared_data / "zsre_train.json")
+        load_requests(shipped_data / "zsre_train.json")
 
 
-def test_easyedit_flat_file(shared_data):
-    reqs = load_requests(shared_data / "counterfact_easyedit_train.json", limit=50)
+def test_easyedit_flat_file(shipped_data):
+    reqs = load_requests(shipped_data / "counterfact_easyedit_train.json", limit=50)
     assert len(reqs) == 50 and all(r.locality for r in reqs) and all(r.rephrase_prompts for r in reqs)
+
+
+def test_shipped_data_sets_by_name(shipped_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_requests("counterfact", limit=5) == load_requests(shipped_data / "counterfact.json", limit=5)
+    assert load_requests("ZsRE", limit=2)[1].prompt == json.loads((shipped_data / "zsre.json").read_text())[1]["src"]
+    assert len(load_requests("counterfact-train", limit=3)) == 3
+    (tmp_path / "zsre").write_text(json.dumps([{"prompt": "Rome is in", "subject": "Rome", "target_new": "Spain"}]))
+    assert load_requests("zsre")[0].target_new == "Spain"  # an existing file of that name wins
+    with pytest.raises(RequestError, match="shipped data sets by name: counterfact, zsre"):
+        load_requests("zsre-eval")
+
+
+def test_shipped_data_carries_its_license(shipped_data):
+    assert "MIT" in (shipped_data / "LICENSE").read_text()
+    sources = (shipped_data / "SOURCES.md").read_text()
+    assert all(name in sources for name in ("counterfact.json", "zsre.json", "zsre_train.json"))
 
 
 def test_kedit_jsonl(tmp_path):

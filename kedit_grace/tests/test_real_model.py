@@ -3,32 +3,22 @@ each edit and on the final model; the final patch alone reproduces the edited mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from kedit_core.editor import Editor
 from kedit_core.evaluate import Evaluator
-from kedit_core.models import load_model
 from kedit_core.patch import Patch
 from kedit_core.plugins import get_registry
 from kedit_core.request import load_requests
 
 pytestmark = pytest.mark.real_model
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zsre.json"
 N_EDITS = 16
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    model, tok, info = load_model("gemma3-270m")
-    return model, tok, info
 
 
 @pytest.fixture(scope="module")
 def requests_():
     # records from the middle of the file: the presets were tuned looking at the first ones
-    return load_requests(DATA)[400 : 400 + N_EDITS]
+    return load_requests("zsre")[400 : 400 + N_EDITS]
 
 
 @pytest.fixture(scope="module")

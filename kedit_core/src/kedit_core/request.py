@@ -264,12 +264,16 @@ def requests_from_records(records: Iterable[Any], fmt: str | None = None) -> lis
 
 
 def load_requests(path: str | Path, limit: int | None = None, fmt: str | None = None) -> list[EditRequest]:
-    """Load edit requests from a JSON list, a single JSON object, or JSONL."""
-    path = Path(path)
+    """Load edit requests from a JSON list, a single JSON object, or JSONL; ``path`` may also name a data
+    set shipped with kedit-core (``counterfact``, ``zsre``, ``zsre-train``, ``counterfact-train``)."""
+    from .datasets import SHIPPED, resolve_data
+
+    path = resolve_data(path)
     if fmt is not None and fmt not in CONVERTERS:
         raise RequestError(f"unknown format {fmt!r}; known: {', '.join(CONVERTERS)}")
     if not path.is_file():
-        raise RequestError(f"data file not found: {path}")
+        names = ", ".join(SHIPPED)
+        raise RequestError(f"data file not found: {path} (shipped data sets by name: {names})")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -315,9 +315,10 @@ def split_validation(records: Sequence[Any], fraction: float, seed: int) -> tupl
 
 def load_training_requests(path: str | Path, limit: int | None = None) -> list[Any]:
     """Edit requests of a training file, skipping (and counting) malformed records."""
+    from .datasets import resolve_data
     from .request import _parse_records, requests_from_records
 
-    path = Path(path)
+    path = resolve_data(path)
     if not path.is_file():
         raise RequestError(f"data file not found: {path}")
     records = _parse_records(path.read_text(encoding="utf-8"), path)[:limit]

@@ -1,12 +1,9 @@
-"""Entry point of the ``kedit-grace`` plugin."""
+"""Entry point of the ``kedit-grace`` plugin: methods are named here and imported on first use."""
 
-from kedit_core.hookspecs import hookimpl
+from kedit_core.hookspecs import MethodSpec, hookimpl
 
 
 @hookimpl
 def register_methods(register):
-    from .grace.method import GRACE
-    from .melo.method import MELO
-
-    register(GRACE)
-    register(MELO)
+    register(MethodSpec("grace", "kedit_grace.grace.method:GRACE", edit_area="codebook", kind="module_state"))
+    register(MethodSpec("melo", "kedit_grace.melo.method:MELO", edit_area="LoRA blocks", kind="module_state"))

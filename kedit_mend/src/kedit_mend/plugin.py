@@ -1,12 +1,9 @@
-"""Entry point of the ``kedit-mend`` plugin."""
+"""Entry point of the ``kedit-mend`` plugin: methods are named here and imported on first use."""
 
-from kedit_core.hookspecs import hookimpl
+from kedit_core.hookspecs import MethodSpec, hookimpl
 
 
 @hookimpl
 def register_methods(register):
-    from .ke import KE
-    from .mend import MEND
-
-    register(MEND)
-    register(KE)
+    register(MethodSpec("mend", "kedit_mend.mend:MEND", batch=True, training=True, edit_area="FFN (gradient network)"))
+    register(MethodSpec("ke", "kedit_mend.ke:KE", batch=True, training=True, edit_area="FFN (hyper-network)"))

@@ -1,20 +1,14 @@
-"""Entry point of the ``kedit-rome`` plugin."""
+"""Entry point of the ``kedit-rome`` plugin: methods are named here and imported on first use."""
 
-from kedit_core.hookspecs import hookimpl
+from kedit_core.hookspecs import MethodSpec, hookimpl
 
 
 @hookimpl
 def register_methods(register):
-    from .memit import MEMIT
-    from .pmet import PMET
-    from .rome import ROME
-
-    register(ROME)
-    register(MEMIT)
-    register(PMET)
-    from .kn import KN
-
-    register(KN)
+    register(MethodSpec("rome", "kedit_rome.rome:ROME"))
+    register(MethodSpec("memit", "kedit_rome.memit:MEMIT", batch=True))
+    register(MethodSpec("pmet", "kedit_rome.pmet:PMET", batch=True))
+    register(MethodSpec("kn", "kedit_rome.kn.method:KN", edit_area="FFN neurons"))
 
 
 @hookimpl

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
+from kedit_core.progress import step
 from kedit_core.trainer import save_tensors
+from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def embed_cached(encoder: SentenceEncoder, texts: list[str], cache_dir: Path | N
         cached = load_file(str(path))["embeddings"]
         if cached.shape[0] == len(texts):
             return cached
-    log.info("embedding %d texts (cached at %s)", len(texts), path)
-    emb = encoder.embed(texts)
+    if len(texts) < 100:  # seconds at most: no progress line
+        emb = encoder.embed(texts)
+    else:
+        with step(f"embedding {len(texts)} texts with the retrieval encoder", one_time=True):
+            emb = encoder.embed(texts)
     save_tensors({"embeddings": emb}, path)
     return emb

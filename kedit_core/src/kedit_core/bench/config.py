@@ -1,6 +1,7 @@
 """The bench configuration: which methods, which data subsets, how many records.
 
-Relative data paths are resolved against the configuration file's directory.
+``zsre`` and ``counterfact`` name a data set shipped with kedit-core (``zsre``, ``counterfact``, ...) or a
+file; relative file paths are resolved against the configuration file's directory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..datasets import shipped_path
 from ..errors import KeditError
 from ..hparams import _format_errors, read_mapping_file
 
@@ -40,8 +42,8 @@ class BenchConfig(BaseModel):
     dtype: str = "float32"
     #: registered method names; empty means every installed method
     methods: list[str] = Field(default_factory=list)
-    zsre: str = "zsre.json"
-    counterfact: str = "counterfact.json"
+    zsre: str = "zsre"
+    counterfact: str = "counterfact"
     #: Table 2: the first ``zsre_n`` ZsRE records (from ``zsre_start``), each edit from the unedited model
     zsre_n: int = Field(default=50, ge=1)
     zsre_start: int = Field(default=0, ge=0)
@@ -73,9 +75,12 @@ class BenchConfig(BaseModel):
         return config.resolved(path.parent)
 
     def resolved(self, base: Path) -> BenchConfig:
-        """Data paths made absolute against ``base``."""
+        """Data paths made absolute against ``base``; names of shipped data sets stay names."""
+
         def fix(p: str) -> str:
             q = Path(p).expanduser()
+            if shipped_path(p) is not None and not (base / q).exists():
+                return p
             return str(q if q.is_absolute() else (base / q).resolve())
 
         opts = {}

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..datasets import resolve_data
 from .config import BenchConfig
 from .runner import PlannedJob
 
@@ -27,7 +28,7 @@ README_END = "<!-- kedit-bench:end -->"
 
 
 def _data_subset(path: str, start: int, n: int) -> dict[str, Any]:
-    p = Path(path)
+    p = resolve_data(path)
     sha = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
     return {"file": p.name, "sha256": sha, "start": start, "n": n}
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..datasets import resolve_data
 from ..errors import KeditError
 from ..fsutil import atomic_write_text
 from .config import JOB_KINDS, BenchConfig
@@ -105,7 +106,7 @@ def source_hash(module: str) -> str:
 
 @cache
 def file_hash(path: str) -> str:
-    p = Path(path)
+    p = resolve_data(path)
     if p.is_dir():
         h = hashlib.sha256()
         _hash_files([q for q in p.rglob("*") if q.is_file()], p, h)

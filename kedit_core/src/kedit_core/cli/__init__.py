@@ -1,6 +1,8 @@
 """The ``kedit`` command line. Human output by default, ``--json`` for machines.
 
 Plugins add commands through the ``register_commands(cli)`` hook, called once in :func:`main`.
+Starting the CLI imports neither torch nor transformers: ``--help``, ``kedit methods`` and every check of
+the input answer at once; a command imports them when it loads a model.
 """
 
 from __future__ import annotations
@@ -37,12 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 0 on success, 1 on a kedit error (one line on stderr), 2 on usage."""
     from ..plugins import get_registry
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # kedit shows its own progress; keep stderr for errors
     if "methods" not in cli.commands:
         _add_core_commands()
-        get_registry().pm.hook.register_commands(cli=cli)
+        get_registry().add_commands(cli)
     try:
         cli.main(args=argv, prog_name="kedit", standalone_mode=False)
     except click.exceptions.Abort:

@@ -8,18 +8,35 @@ from typing import Any
 
 import click
 
+from .. import progress
 from .options import echo_json, fmt, model_options, table
 
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy_score",
                 "paraphrase_score", "neighborhood_score", "fluency")
 
 
+def check_method(method: str) -> None:
+    """Refuse an unknown or ambiguous method name before torch is imported."""
+    from ..plugins import get_registry
+
+    get_registry().lookup(method)
+
+
 def _editor(method: str, model: str, hparams: str | None, device: str, dtype: str, device_map: str | None,
             checkpoint: str | None, progress: bool) -> Any:
-    from ..editor import Editor
+    """Method, hyperparameters and dtype are checked before the (slow) model load."""
+    from .. import progress as steps
+    from ..models import check_dtype, model_key
+    from ..plugins import get_registry
 
-    return Editor(method, model, hparams=hparams, device=device, dtype=dtype, device_map=device_map,
-                  checkpoint=checkpoint, progress=progress)
+    check_dtype(dtype)
+    from ..editor import Editor  # imports torch: after the checks that need none
+
+    edit_method = get_registry().method(method)
+    hp = edit_method.load_hparams(hparams, model_key(model))
+    with steps.step(f"loading {model}"):
+        return Editor(edit_method, model, hparams=hp, device=device, dtype=dtype, device_map=device_map,
+                      checkpoint=checkpoint, progress=progress)
 
 
 @click.command()
@@ -44,45 +61,81 @@ def edit(method, model, device, dtype, device_map, prompt, subject, target, grou
 
     if len(locality_prompt) != len(locality_answer):
         raise click.UsageError("give one --locality-answer per --locality-prompt")
+    check_method(method)
     request = EditRequest.create(
         prompt=prompt, subject=subject, target_new=target, ground_truth=ground_truth, rephrase_prompts=list(rephrase),
         locality=[{"prompt": p, "target": a} for p, a in zip(locality_prompt, locality_answer)],
     )
+    mark = progress.mark()
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=False)
+    report = _edit_and_compare(editor, request, max_new_tokens, out)
+    report["time"] = _time_report(mark, report.pop("_edit_itself_s"))
+    if as_json:
+        echo_json(report)
+        return
+    _print_edit(report, request)
+
+
+def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str | None) -> dict[str, Any]:
+    """Completions before and after one edit, its metrics, and the written patch, as the report."""
     ev = editor.evaluator()
     prompts = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
-    before = ev.generate(prompts, max_new_tokens)
-    result = editor.edit([request])
+    with progress.step("generating with the unedited model"):
+        before = ev.generate(prompts, max_new_tokens)
+    inside = progress.mark()
+    with progress.step(f"editing with {editor.method.name} and scoring before and after"):
+        result = editor.edit([request])
+    # one-time steps (key statistics, templates, ...) run inside the edit: the edit itself is the rest
+    edit_itself = result.edit_seconds[0] - sum(s.seconds for s in progress.recorded(inside) if s.one_time)
     patch = result.patches[0]
-    with patch.applied(editor.model):
+    with progress.step("generating with the edited model"), patch.applied(editor.model):
         after = ev.generate(prompts, max_new_tokens)
     path = Path(out) if out else Path("out") / f"{patch.method}-{patch.patch_id}.kedit.safetensors"
     patch.save(path)
-    report = {
+    return {
         "method": editor.method.name, "model": editor.model_info.id, "patch": str(path), "patch_id": patch.patch_id,
         "patch_bytes": path.stat().st_size, "edit_seconds": result.edit_seconds[0],
         "completions": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
         "metrics_pre": result.pre[0], "metrics_post": result.post[0], "peak_rss_mb": result.peak_rss_mb,
+        "_edit_itself_s": max(0.0, edit_itself),
     }
-    if as_json:
-        echo_json(report)
-        return
-    click.echo(f"{editor.method.name} on {editor.model_info.id}: {request.subject!r} -> {request.target_new!r}\n")
+
+
+def _time_report(mark: int, edit_itself: float) -> dict[str, Any]:
+    """Where the time went: one-time steps (cached for later runs) apart from the rest."""
+    steps = progress.recorded(mark)
+    one_time = [{"step": s.what, "seconds": s.seconds} for s in steps if s.one_time]
+    one_time_s = sum(s["seconds"] for s in one_time)
+    total = sum(s.seconds for s in steps if not s.one_time)
+    return {"total_s": total, "one_time_s": one_time_s, "one_time": one_time, "edit_itself_s": edit_itself,
+            "phases": [{"step": s.what, "seconds": s.seconds} for s in steps if not s.one_time]}
+
+
+def _print_edit(report: dict[str, Any], request: Any) -> None:
+    click.echo(f"{report['method']} on {report['model']}: {request.subject!r} -> {request.target_new!r}\n")
     for c in report["completions"]:
         click.echo(f"  {c['prompt']}")
         click.echo(f"    before: {c['before'].strip()!r}")
         click.echo(f"    after:  {c['after'].strip()!r}")
     click.echo("")
-    names = [m for m in METRIC_ORDER if m in result.post[0]]
-    click.echo(table([[m, result.pre[0].get(m), result.post[0].get(m)] for m in names], ["metric", "before", "after"]))
-    click.echo(f"\nedit took {result.edit_seconds[0]:.2f} s; peak RSS {result.peak_rss_mb:.0f} MB")
-    click.echo(f"patch {patch.patch_id} ({report['patch_bytes']} bytes) written to {path}")
+    pre, post = report["metrics_pre"], report["metrics_post"]
+    names = [m for m in METRIC_ORDER if m in post]
+    click.echo(table([[m, pre.get(m), post.get(m)] for m in names], ["metric", "before", "after"]))
+    t = report["time"]
+    click.echo(f"\nedit took {t['edit_itself_s']:.2f} s; peak RSS {report['peak_rss_mb']:.0f} MB")
+    if t["one_time"]:
+        steps = ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in t["one_time"])
+        click.echo(f"one-time work this run (cached for later runs): {steps}")
+    click.echo(f"total {t['total_s']:.1f} s: " + ", ".join(f"{p['step']} {p['seconds']:.1f} s" for p in t["phases"]))
+    click.echo(f"patch {report['patch_id']} ({report['patch_bytes']} bytes) written to {report['patch']}")
 
 
 @click.command("eval")
 @click.option("--method", required=True, help="Editing method (see `kedit methods`).")
 @model_options
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="CounterFact, ZsRE, EasyEdit or kedit JSON/JSONL.")
+@click.option("--data", required=True,
+              help="A shipped data set (counterfact, zsre, zsre-train, counterfact-train) or a CounterFact, ZsRE, "
+                   "EasyEdit or kedit JSON/JSONL file.")
 @click.option("--limit", type=int, default=None, help="Use the first N records.")
 @click.option("--batch-size", type=int, default=None, help="Requests per edit (methods that batch).")
 @click.option("--sequential", is_flag=True, help="Keep earlier edits (scored after each edit and at the end).")
@@ -105,6 +158,7 @@ def evaluate(method, model, device, dtype, device_map, data, limit, batch_size, 
         raise click.UsageError("--run-dir needs --sequential")
     if limit is not None and limit < 1:
         raise click.UsageError("--limit must be at least 1")
+    check_method(method)
     requests = load_requests(data, limit=limit)
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=True)
     result = editor.edit(requests, sequential=sequential, batch_size=batch_size, fluency=fluency, run_dir=run_dir)

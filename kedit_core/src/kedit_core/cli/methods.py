@@ -1,10 +1,14 @@
-"""``kedit methods``: the installed editing methods, and plugins that failed to load."""
+"""``kedit methods``: the installed editing methods, name clashes, and plugins that failed to load."""
 
 from __future__ import annotations
 
 import click
 
 from .options import echo_json, table
+
+
+def _yes_no(value: object) -> object:
+    return ("yes" if value else "no") if isinstance(value, bool) else value
 
 
 @click.command()
@@ -15,15 +19,21 @@ def methods(as_json: bool) -> None:
 
     registry = get_registry()
     rows = []
-    for name, info in sorted(registry.methods.items()):
-        rows.append({"method": name, "package": info.plugin.package, "version": info.plugin.version,
-                     **info.cls.capabilities(), "presets": sorted(info.cls.presets())})
+    for name, infos in sorted(registry.claims.items()):
+        for info in infos:
+            rows.append({"method": name if len(infos) == 1 else info.qualified, "package": info.plugin.package,
+                         "version": info.plugin.version, **info.capabilities(), "presets": sorted(info.presets()),
+                         "clash": len(infos) > 1})
     broken = [{"plugin": b.name, "package": b.package, "version": b.version, "error": b.error} for b in registry.broken]
     if as_json:
         echo_json({"methods": rows, "broken": broken})
         return
     header = ["method", "package", "version", "batch", "sequential", "training", "edit area", "patch kind"]
-    click.echo(table([[r["method"], r["package"], r["version"], r["batch"], r["sequential"], r["training"],
-                       r["edit_area"], r["kind"]] for r in rows], header))
+    keys = ["method", "package", "version", "batch", "sequential", "training", "edit_area", "kind"]
+    click.echo(table([[_yes_no(r[k]) for k in keys] for r in rows], header))
+    for name, infos in sorted(registry.clashes.items()):
+        who = " and ".join(f"{i.plugin.package} (plugin {i.plugin.name})" for i in infos)
+        click.echo(f"method name {name!r} is registered by {who}: use one of "
+                   f"{', '.join(i.qualified for i in infos)}", err=True)
     for b in broken:
         click.echo(f"broken plugin {b['plugin']} ({b['package']} {b['version']}): {b['error']}", err=True)

@@ -32,22 +32,25 @@ def train(method, model, device, dtype, data, val, out, hparams, max_steps, limi
 
     from ..architecture import resolve_architecture
     from ..method import EditContext
-    from ..models import cache_dir, load_model, model_fingerprint
+    from ..models import cache_dir, load_model, model_fingerprint, model_key
     from ..plugins import get_registry
     from ..trainer import Trainable, load_training_requests
 
-    m = get_registry().method(method)
-    if not m.requires_training or not isinstance(m, Trainable):
-        raise KeditError(f"method {m.name!r} has nothing to train")
     if max_steps is not None and max_steps < 1:
         raise click.UsageError("--max-steps must be at least 1")
+    if not get_registry().lookup(method).capabilities()["training"]:
+        raise KeditError(f"method {method!r} has nothing to train")
     train_reqs = load_training_requests(data, limit)
     val_reqs = load_training_requests(val) if val else None
-    net, tok, info = load_model(model, device=device, dtype=dtype)
-    hp = m.load_hparams(hparams, info.key)
+    m = get_registry().method(method)
+    if not isinstance(m, Trainable):
+        raise KeditError(f"method {m.name!r} has nothing to train")
+    hp = m.load_hparams(hparams, model_key(model))  # checked before the (slow) model load
     if max_steps is not None:
         hp = hp.updated(max_steps=max_steps)
-    ctx = EditContext(model_id=info.id, model_fingerprint=model_fingerprint(net), cache_dir=cache_dir(), progress=True)
+    net, tok, info = load_model(model, device=device, dtype=dtype)
+    ctx = EditContext(model_id=info.id, model_fingerprint=info.fingerprint or model_fingerprint(net),
+                      cache_dir=cache_dir(), progress=True)
     trainer = m.trainer(net, tok, hp, resolve_architecture(net), ctx, train=train_reqs, val=val_reqs, out_dir=Path(out))
     result = trainer.run()
     report = {"method": m.name, "model": info.id, **result.as_dict()}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..fsutil import atomic_write_text
+from ..progress import step
 from .logits import head_logits, model_device
 from .tokens import encode_prompts
 
@@ -67,11 +68,12 @@ def context_templates(
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     templates = ["{}"]
-    for length, n in spec:
-        if n <= 0:
-            continue
-        openers = [OPENERS[i % len(OPENERS)] for i in range(n)]
-        templates.extend(_sample(model, tokenizer, openers, length, top_k, seed + length))
+    with step(f"sampling {sum(n for _, n in spec)} context templates from the model", one_time=True):
+        for length, n in spec:
+            if n <= 0:
+                continue
+            openers = [OPENERS[i % len(OPENERS)] for i in range(n)]
+            templates.extend(_sample(model, tokenizer, openers, length, top_k, seed + length))
     atomic_write_text(path, json.dumps(templates, ensure_ascii=False, indent=1))
     log.info("sampled %d context templates -> %s", len(templates) - 1, path)
     return templates

@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..architecture import ArchitectureSpec
 from ..fsutil import atomic_path
+from ..progress import step
 from .logits import model_device
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,13 @@ class SecondMoments:
                 out[layer] = self._memo[(path, layer)] = load_file(str(path))["second_moment"]
         missing = [layer for layer in layers if layer not in out]
         if missing:
-            t0 = time.perf_counter()
-            log.info("computing second moments for layers %s from %s (%d tokens)", missing, spec.corpus, spec.sample_tokens)
-            for layer, (c, count) in compute_second_moments(model, tokenizer, arch, missing, spec, progress=progress).items():
+            what = f"key statistics (second moment) of layer(s) {', '.join(map(str, missing))} over {spec.sample_tokens} tokens"
+            with step(what, one_time=True):
+                computed = compute_second_moments(model, tokenizer, arch, missing, spec, progress=progress)
+            for layer, (c, count) in computed.items():
                 with atomic_path(paths[layer]) as tmp:
                     save_file({"second_moment": c}, str(tmp), metadata={"count": str(count), "corpus": str(spec.corpus)})
                 out[layer] = self._memo[(paths[layer], layer)] = c
-            log.info("second moments computed in %.1f s", time.perf_counter() - t0)
         device = model_device(model)
         return {layer: out[layer].to(device) for layer in layers}
 

@@ -24,6 +24,7 @@ from kedit_core.architecture import ArchitectureSpec, get_module, resolve_archit
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target, subject_last_token
 from torch import nn
+from tqdm.auto import tqdm
 
 from .noise import embedding_std, subject_noise
 
@@ -112,6 +113,7 @@ def restored_probabilities(
     restorations: list[Restoration],
     kind: str = "hidden",
     max_rows: int = 512,
+    progress: bool = False,
 ) -> tuple[float, list[float]]:
     """``P(o)`` of the clean run and ``P*_{restored}(o)`` per restoration (mean over noise samples).
 
@@ -120,11 +122,14 @@ def restored_probabilities(
     samples = noise.shape[0]
     per_pass = max(1, (max_rows - 1) // samples)
     clean, probs = 0.0, []
+    bar = tqdm(total=len(restorations), desc=f"tracing ({kind})", unit="cell", disable=not progress)
     for lo in range(0, len(restorations), per_pass):
         chunk = restorations[lo : lo + per_pass]
         p = _one_pass(model, arch, input_ids, subject_range, answer_id, noise, chunk, kind)
         clean = float(p[0])
         probs.extend(p[1:].view(len(chunk), samples).mean(1).tolist())
+        bar.update(len(chunk))
+    bar.close()
     return clean, probs
 
 
@@ -180,6 +185,7 @@ def causal_trace(
     seed: int = 0,
     arch: ArchitectureSpec | None = None,
     max_rows: int = 512,
+    progress: bool = False,
 ) -> TraceResult:
     """Trace ``prompt``: the restored probability of the answer for every (token, layer).
 
@@ -209,7 +215,8 @@ def causal_trace(
         restorations: list[Restoration] = [((t, layer),) for t, layer in cells]
     else:
         restorations = [tuple((t, w) for w in window_layers(layer, window, n_layers)) for t, layer in cells]
-    clean, probs = restored_probabilities(model, arch, ids, (s0, s1), answer_id, eps, [()] + restorations, kind, max_rows)
+    clean, probs = restored_probabilities(model, arch, ids, (s0, s1), answer_id, eps, [()] + restorations, kind, max_rows,
+                                          progress=progress)
     corrupted = probs[0]
     scores = [[corrupted] * n_layers for _ in range(len(ids))]
     for (t, layer), p in zip(cells, probs[1:], strict=True):

@@ -29,18 +29,20 @@ def trace(model: str, device: str, dtype: str, prompt: str, subject: str, answer
           window: int, noise: float, seed: int, prefix: str, no_png: bool, as_json: bool) -> None:
     """Causal tracing (ROME paper, figure 1): corrupt the subject, restore states, map indirect effects."""
     from kedit_core.models import load_model
+    from kedit_core.progress import step
 
     from .causal_trace import causal_trace
     from .plot import save_trace
 
     if subject not in prompt:
         raise KeditError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-    lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+    with step(f"loading {model}"):
+        lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
     kinds = ["hidden", "mlp", "attn"] if kind == "all" else [kind]
     report = []
     for k in kinds:
         result = causal_trace(lm, tokenizer, prompt, subject, answer=answer, kind=k, samples=samples,
-                              noise=noise, window=window, seed=seed)
+                              noise=noise, window=window, seed=seed, progress=True)
         paths = save_trace(result, prefix, png=not no_png)
         entry = {"kind": k, "answer": result.answer, "clean_prob": result.clean_prob,
                  "corrupted_prob": result.corrupted_prob, "peak_layers_subject_last": result.peak_layers(),
