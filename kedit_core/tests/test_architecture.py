@@ -62,3 +62,31 @@ def test_plugin_architecture_registration():
         assert resolve_architecture(Toy()) is spec
     finally:
         reset_registry()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_layer_rule_counts_from_the_end_for_negatives_and_refuses_the_rest(family):
+    from kedit_core.errors import HparamsError
+
+    model, _ = tiny_model(family)
+    spec = resolve_architecture(model)
+    assert spec.check_layers(model, [0, 3], "layers") == [0, 3]
+    assert spec.check_layers(model, [-1, -4], "layers") == [3, 0] and spec.check_layer(model, -2, "layer") == 2
+    for bad in (4, 40, -5):
+        with pytest.raises(HparamsError, match=rf"^hyperparameter 'layers': layer {bad} is out of range for this "
+                                               r"model's 4 layers \(valid: 0\.\.3, or -4\.\.-1 counting from the end\)$"):
+            spec.check_layers(model, [1, bad], "layers")
+    with pytest.raises(HparamsError, match=r"^hyperparameter 'layer': layer True is out of range"):
+        spec.check_layer(model, True, "layer")
+    with pytest.raises(HparamsError, match=r"^hyperparameter 'lora_layers': layer 1 is named twice in \[1, 1\]$"):
+        spec.check_layers(model, [1, 1], "lora_layers")
+    with pytest.raises(HparamsError, match=r"^hyperparameter 'layers': layer 3 is named twice in \[3, -1\]$"):
+        spec.check_layers(model, [3, -1], "layers")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_max_positions_comes_from_the_config(family):
+    model, _ = tiny_model(family)
+    assert resolve_architecture(model).max_positions(model) == 128
+    assert ArchitectureSpec(names=("X",), layers="l", embed="e", final_norm="n", lm_head="h", attn="a", attn_out="o",
+                            mlp="m", mlp_in=("i",), mlp_out="o").max_positions(torch.nn.Linear(1, 1)) is None

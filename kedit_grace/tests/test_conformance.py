@@ -7,8 +7,10 @@ from kedit_core.testing import MethodConformance
 class TestGraceConformance(MethodConformance):
     method_name = "grace"
     hparams = TINY_HPARAMS["grace"]
+    layer_hparams = ("layer",)
 
 
 class TestMeloConformance(MethodConformance):
     method_name = "melo"
     hparams = TINY_HPARAMS["melo"]
+    layer_hparams = ("lora_layers",)  # router_layer: test_layers.py

@@ -25,6 +25,7 @@ PROMPT = "The Eiffel Tower is located in the city of"
 class TestKNConformance(MethodConformance):
     method_name = "kn"
     hparams = {"steps": 4, "prompt_prefixes": ["", "Fact: "]}
+    layer_hparams = ("layers",)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

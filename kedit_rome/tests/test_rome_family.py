@@ -23,16 +23,19 @@ TINY_VALUE = {"v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mo
 class TestROMEConformance(MethodConformance):
     method_name = "rome"
     hparams = {"layers": [1], **TINY_VALUE}
+    layer_hparams = ("layers",)
 
 
 class TestMEMITConformance(MethodConformance):
     method_name = "memit"
     hparams = {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE}
+    layer_hparams = ("layers",)
 
 
 class TestPMETConformance(MethodConformance):
     method_name = "pmet"
     hparams = {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE}
+    layer_hparams = ("layers",)
 
 
 def _corpus(tmp_path, lines=None):

@@ -146,6 +146,9 @@ class MethodConformance:
     method_name: ClassVar[str] = ""
     #: hyperparameters for the tiny models (a mapping validated by the method's hparams class)
     hparams: ClassVar[dict[str, Any]] = {}
+    #: hyperparameters holding layer indices (an int or a list of ints), which the method must check
+    #: with ``ArchitectureSpec.check_layer(s)``: out of range or named twice is an HparamsError
+    layer_hparams: ClassVar[tuple[str, ...]] = ()
 
     # -- fixtures -------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
@@ -231,6 +234,34 @@ class MethodConformance:
         assert state_fingerprint(model) == before
         with torch.no_grad():
             assert torch.equal(model(**enc).logits, logits_before)
+
+    def test_layer_hparams_are_checked_against_the_model(self, method: EditMethod, tiny: tuple[Any, Any],
+                                                         ctx: EditContext) -> None:
+        from .errors import HparamsError
+
+        if not self.layer_hparams:
+            pytest.skip(f"method {method.name} declares no layer hyperparameters (layer_hparams)")
+        model = tiny[0]
+        n = resolve_architecture(model).num_layers(model)
+        out_of_range = rf"is out of range for this model's {n} layers \(valid: 0\.\.{n - 1}, or -{n}\.\.-1"
+        for field in self.layer_hparams:
+            current, twice = getattr(method.load_hparams(dict(self.hparams)), field), None
+            if isinstance(current, int):
+                cases = {10 * n: f"{10 * n} {out_of_range}", -n - 1: f"{-n - 1} {out_of_range}"}
+            else:
+                v = current[0] if current else 0
+                twice = f"{v % n} is named twice"
+                cases = {(10 * n,): f"{10 * n} {out_of_range}", (v, v): twice, (v - n, v): twice}
+            for value, problem in cases.items():
+                bad = {**self.hparams, field: list(value) if isinstance(value, tuple) else value}
+                try:
+                    hp = method.load_hparams(bad)
+                except HparamsError:
+                    if problem == twice:
+                        continue  # the hparams class itself takes no list of this length (ROME: one layer)
+                    raise
+                with pytest.raises(HparamsError, match=rf"^hyperparameter '{field}': layer {problem}"):
+                    method.compute_patch(model, tiny[1], tiny_requests()[:1], hp, resolve_architecture(model), ctx)
 
     def test_batch_editing_matches_the_flag(self, method: EditMethod, tiny: tuple[Any, Any]) -> None:
         from .editor import Editor

@@ -135,8 +135,7 @@ class TrainedEditorMethod(EditMethod):
         return None
 
     def edited_params(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any) -> tuple[list[str], dict[str, list[int]]]:
-        n = arch.num_layers(model)
-        params = [arch.mlp_out_param(layer % n) for layer in hparams.layers]
+        params = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
         return params, {p: list(arch.weight(model, p).shape) for p in params}
 
     @functools.cached_property
@@ -176,6 +175,7 @@ class TrainedEditorMethod(EditMethod):
     # -- editing ----------------------------------------------------------------------------------
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: Any, arch: ArchitectureSpec,
                       ctx: EditContext) -> Patch:
+        arch.check_layers(model, hparams.layers, "layers")
         net, source = self.load_network(model, arch, hparams, ctx)
         device = model_device(model)
         net = net.to(device).eval()
@@ -200,8 +200,7 @@ class TrainedEditorMethod(EditMethod):
                 train: list[EditRequest], val: list[EditRequest] | None, out_dir: Path) -> EditorTrainer:
         """The editor network's trainer; its checkpoint is what ``--checkpoint`` points to at edit time."""
         net = self.build_network(model, arch, hparams).to(model_device(model))
-        n = arch.num_layers(model)
         return EditorTrainer(hparams, out_dir, train, val, model, tokenizer, arch, net,
-                             [layer % n for layer in hparams.layers],
+                             arch.check_layers(model, hparams.layers, "layers"),
                              {"id": ctx.model_id, "fingerprint": ctx.model_fingerprint}, progress=ctx.progress,
                              cache_dir=Path(ctx.cache_dir) / "kedit_mend", exclude_ids=excluded_ids(tokenizer, hparams))

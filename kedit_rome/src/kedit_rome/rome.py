@@ -22,7 +22,7 @@ from kedit_core.ops.keys import compute_keys
 from kedit_core.ops.least_squares import rank_one_update
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .common import StatsOptions, lowrank_or_dense, make_patch, second_moment_for, templates_for
 from .value import ValueOptions, optimize_values
@@ -34,13 +34,6 @@ class ROMEHyperparams(Hyperparams, ValueOptions, StatsOptions):
     #: adds ``mom2_damping * mean(diag C) * I`` to C before solving (0: none)
     mom2_damping: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=1, ge=1, le=1)
-
-    @field_validator("layers")
-    @classmethod
-    def _non_negative(cls, v: list[int]) -> list[int]:
-        if any(x < 0 for x in v):
-            raise ValueError("layers must be non-negative")
-        return v
 
 
 class ROME(EditMethod):
@@ -57,7 +50,7 @@ class ROME(EditMethod):
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: ROMEHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
         (request,) = requests
-        layer = hparams.layers[0]
+        (layer,) = arch.check_layers(model, hparams.layers, "layers")
         templates = templates_for(model, tokenizer, hparams, ctx)
         c = second_moment_for(model, tokenizer, arch, [layer], hparams, ctx)[layer]
         key = compute_keys(model, tokenizer, arch, layer, [request.prompt], [request.subject], templates)[0]

@@ -43,7 +43,7 @@ def spread_edit(method: Any, model: Any, tokenizer: Any, requests: list[EditRequ
                 arch: ArchitectureSpec, ctx: EditContext, attn_clamp: float | None = None) -> Patch:
     """Steps 1-3 above; with ``attn_clamp`` (PMET) a vector at the attention output is optimized too,
     its norm clamped to ``attn_clamp`` times the attention output's norm."""
-    layers = sorted(set(hparams.layers))
+    layers = sorted(arch.check_layers(model, hparams.layers, "layers"))
     top = layers[-1]
     templates = templates_for(model, tokenizer, hparams, ctx)
     stats = second_moment_for(model, tokenizer, arch, layers, hparams, ctx)

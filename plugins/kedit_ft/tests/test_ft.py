@@ -9,11 +9,13 @@ from kedit_core.testing import MethodConformance, tiny_model, tiny_requests
 class TestFTLConformance(MethodConformance):
     method_name = "ft-l"
     hparams = {"layers": [1], "lr": 0.05, "num_steps": 4}
+    layer_hparams = ("layers",)
 
 
 class TestFTMConformance(MethodConformance):
     method_name = "ft-m"
     hparams = {"layers": [1, 2], "lr": 0.05, "num_steps": 4}
+    layer_hparams = ("layers",)
 
 
 @pytest.mark.parametrize("name", ["ft-l", "ft-m"])

@@ -67,7 +67,7 @@ class GRACE(EditMethod):
         if len(requests) != 1:
             raise KeditError("grace edits one request at a time (no batch editing)")
         request = requests[0]
-        layer = hparams.layer % arch.num_layers(model)
+        layer = arch.check_layer(model, hparams.layer, "layer")
         path = arch.layer_path(layer, arch.mlp_out)
         param = arch.mlp_out_param(layer)
         current = get_module(model, path)
@@ -132,7 +132,7 @@ class GRACE(EditMethod):
         replace_module(model, path, adaptor)
         try:
             fit = fit_targets(model, tokenizer, arch, prompts, [label] * len(prompts), [value],
-                              first_layer=hparams.layer % arch.num_layers(model), lr=hparams.lr,
+                              first_layer=arch.check_layer(model, hparams.layer, "layer"), lr=hparams.lr,
                               max_steps=hparams.max_steps, stop_loss=hparams.stop_loss)
         finally:
             replace_module(model, path, current)

@@ -80,9 +80,8 @@ class MELO(EditMethod):
         if len(requests) != 1:
             raise KeditError("melo edits one request at a time (no batch editing)")
         request = requests[0]
-        n_layers = arch.num_layers(model)
-        router_layer = hparams.router_layer % n_layers
-        layers = sorted({layer % n_layers for layer in hparams.lora_layers})
+        router_layer = arch.check_layer(model, hparams.router_layer, "router_layer")
+        layers = sorted(arch.check_layers(model, hparams.lora_layers, "lora_layers"))
         if layers[0] < router_layer:
             raise HparamsError("lora_layers must not lie below router_layer")
         router_path = arch.layer_path(router_layer, arch.attn)

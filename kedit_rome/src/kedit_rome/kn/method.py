@@ -44,7 +44,10 @@ class KN(EditMethod):
         if len(requests) != 1:
             raise KeditError("method 'kn' edits one request at a time (no batch editing)")
         request = requests[0]
-        layers = list(hparams.layers) if hparams.layers is not None else list(range(arch.num_layers(model)))
+        if hparams.layers is None:
+            layers = list(range(arch.num_layers(model)))
+        else:
+            layers = arch.check_layers(model, hparams.layers, "layers")
         neurons, info = locate_knowledge_neurons(model, tokenizer, request, hparams, arch, layers)
         _, new_ids = split_prompt_target(tokenizer, request.prompt, request.target_new)
         u = value_slot_update(model, info["old_token"], new_ids[0], hparams.erase_scale, hparams.insert_scale)

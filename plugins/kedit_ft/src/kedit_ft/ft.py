@@ -49,7 +49,7 @@ class _FineTune(EditMethod):
 
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: FTHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        names = [arch.mlp_out_param(layer) for layer in hparams.layers]
+        names = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
         params = [get_parameter(model, n) for n in names]
         originals = [p.detach().clone() for p in params]
         grad_flags = [p.requires_grad for p in params]

@@ -37,7 +37,7 @@ class GradStep(EditMethod):
 
     def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: GradStepHyperparams,
                       arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        name = arch.mlp_out_param(hparams.layer)
+        name = arch.mlp_out_param(arch.check_layer(model, hparams.layer, "layer"))  # -1: the last layer
         param = get_parameter(model, name)
         original = param.detach().clone()
         enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], model_device(model))
