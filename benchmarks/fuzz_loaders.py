@@ -18,8 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "kedit_core" / "tests" / "test_fuzz.py"
-#: which loader each property exercises
-LOADER = {"patch": "patch loader", "request": "request loader", "hparams": "hyperparameter loader"}
+#: which loader each property exercises (``test_apply_*``: hand-edited patches with a recomputed id --
+#: forged fingerprints / post-edit fingerprints / wrapped modules, tied weights -- refused at apply or revert
+#: with the model bit-identical; they run KEDIT_FUZZ_EXAMPLES // 10 cases each)
+LOADER = {"patch": "patch loader", "request": "request loader", "hparams": "hyperparameter loader",
+          "apply": "patch apply/revert checks"}
 STAT = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?,? (?:and )?(\d+) invalid")
 
 

@@ -138,6 +138,27 @@ def test_apply_save_and_revert_from_file(patch_file, model_dir, tmp_path, capsys
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+def test_revert_refuses_a_model_that_never_had_the_patch(patch_file, model_dir, capsys):
+    assert main(["patch", "revert", str(patch_file), "--model", str(model_dir), "--json"]) == 1
+    line = one_error_line(capsys)
+    assert "does not hold patch" in line and "nothing reverted" in line
+    assert capsys.readouterr().out == ""
+
+
+def test_revert_json_and_text_report_the_same_words_and_numbers(patch_file, model_dir, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    assert main(["patch", "apply", str(patch_file), "--model", str(model_dir), "--save-to", str(edited)]) == 0
+    capsys.readouterr()
+    assert main(["patch", "revert", str(patch_file), "--model", str(edited), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["patch", "revert", str(patch_file), "--model", str(edited)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert report and sorted(text) == sorted(f"reverted {name}: {r['summary']}" for name, r in report.items())
+    for r in report.values():
+        assert (r["max_abs_error_bound"] == 0.0) == r["exact"]
+        assert r["exact"] or repr(r["max_abs_error_bound"]) in r["summary"]
+
+
 def test_eval_json_report(model_dir, tmp_path, capsys, shared_data):
     out = tmp_path / "r.json"
     assert main(["eval", "--method", "ft-m", "--model", str(model_dir), "--data", str(shared_data / "zsre.json"),

@@ -8,13 +8,13 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kedit_core.errors import HparamsError, PatchError, RequestError
+from kedit_core.errors import HparamsError, KeditError, PatchError, RequestError
+from kedit_core.hookspecs import hookimpl
 from kedit_core.hparams import Hyperparams
-from kedit_core.method import PatchKind
-from kedit_core.patch import Patch
+from kedit_core.method import EditMethod, PatchKind
+from kedit_core.patch import Patch, stack, tensor_fingerprint
 from kedit_core.request import requests_from_records
-from kedit_core.testing import tiny_model
+from kedit_core.testing import state_fingerprint, tiny_model
 
 N = int(os.environ.get("KEDIT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck))
@@ -147,3 +147,181 @@ def test_hparams_files(tmp_path_factory, text):
         FuzzHP.from_file(path)
     except HparamsError as exc:
         assert str(path) in str(exc)
+
+
+# -- apply / revert checks: hand-edited metadata with the patch id recomputed (issue 15) ---------------------
+# Each example builds a genuine patch, edits its metadata as a forger would (recomputing the id so the file
+# loads), and requires a kedit error with the model bit-identical. A model forward is not needed: the
+# fingerprints of every tensor of the model are compared.
+
+N_APPLY = max(5, N // 10)
+FUZZ_APPLY = settings(max_examples=N_APPLY, deadline=None, suppress_health_check=list(HealthCheck))
+PARAMS = [n for n, _ in _MODEL.named_parameters()]
+hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+
+
+def _forge(patch: Patch, **meta) -> Patch:
+    forged = Patch(dict(patch.tensors), {**patch.metadata, **meta})
+    forged.metadata["patch_id"] = forged.content_id()
+    return forged
+
+
+def _fingerprint_forgery(draw, genuine: dict, param: str):
+    """A mapping that differs from ``genuine`` where it matters; never one that is right for the model."""
+    other = draw(st.sampled_from([n for n in PARAMS if n != param]))
+    how = draw(st.sampled_from(["random", "other param", "renamed", "wrong extra", "dropped", "not a dict"]))
+    if how == "random":
+        return {**genuine, param: draw(hex64.filter(lambda h: h != genuine[param]))}
+    if how == "other param":
+        return {**genuine, param: tensor_fingerprint(_MODEL.get_parameter(other))}
+    if how == "renamed":
+        return {other: genuine[param]}
+    if how == "wrong extra":
+        return {**genuine, other: draw(hex64)}
+    if how == "dropped":
+        return {}
+    return draw(json_values.filter(lambda v: not isinstance(v, dict)))
+
+
+@st.composite
+def forged_pre(draw):
+    return _fingerprint_forgery(draw, _GOOD.metadata["fingerprints"], PARAM)
+
+
+@st.composite
+def forged_post(draw):
+    genuine = _GOOD.metadata["post_fingerprints"]
+    if draw(st.booleans()):  # the forger claims the patch leaves the weight as it was
+        return {PARAM: _GOOD.metadata["fingerprints"][PARAM]}
+    return _fingerprint_forgery(draw, genuine, PARAM)
+
+
+@FUZZ_APPLY
+@given(fingerprints=forged_pre())
+def test_apply_refuses_forged_fingerprints(fingerprints):
+    before = state_fingerprint(_MODEL)
+    try:
+        _forge(_GOOD, fingerprints=fingerprints).apply(_MODEL)
+        raise AssertionError(f"applied a patch with forged fingerprints {fingerprints!r}")
+    except KeditError as exc:
+        assert str(exc)
+    assert state_fingerprint(_MODEL) == before and stack(_MODEL) == []
+
+
+@FUZZ_APPLY
+@given(post=forged_post(), edited=st.booleans())
+def test_apply_revert_from_file_refuses_forged_post_fingerprints(post, edited):
+    handle = _GOOD.apply(_MODEL) if edited else None
+    try:
+        held = state_fingerprint(_MODEL)
+        forged = _forge(_GOOD, post_fingerprints=post)
+        try:
+            forged.revert_from_file(_MODEL)
+            refused = False
+        except KeditError as exc:
+            assert str(exc)
+            refused = True
+        # only on the unedited model may a forger's "post = pre" pass the check: kedit then keeps the weight
+        assert refused or (not edited and post == {PARAM: _GOOD.metadata["fingerprints"][PARAM]})
+        assert state_fingerprint(_MODEL) == held
+    finally:
+        if handle is not None:
+            handle.revert()
+
+
+class _ShiftMethod(EditMethod):
+    """A module-state method: adds its state vector to the output of the MLP down projections it names."""
+
+    name = "fuzz-shift"
+    kind = PatchKind.MODULE_STATE
+    wraps = "mlp_out"
+
+    def compute_patch(self, *a, **k):  # pragma: no cover - patches are built by hand
+        raise AssertionError
+
+    def attach(self, model, patch, arch):
+        state = patch.state()
+        handles = []
+        for path in patch.metadata["modules"]:
+            shift = state[f"{path}/shift"]
+            handles.append(model.get_submodule(path).register_forward_hook(lambda m, i, o, s=shift: o + s))
+        return lambda: [h.remove() for h in handles]
+
+
+class _ShiftPlugin:
+    @hookimpl
+    def register_methods(self, register):
+        register(_ShiftMethod)
+
+
+MLP_OUT = PARAM.removesuffix(".weight")
+_SHIFT = Patch.create(method="fuzz-shift", kind=PatchKind.MODULE_STATE, model=_MODEL, modules=[MLP_OUT],
+                      tensors={f"state/{MLP_OUT}/shift": torch.full((32,), 0.5)}, fingerprint_params=[PARAM])
+MODULES = [n for n, _ in _MODEL.named_modules()]
+MLP_OUTS = {n for n in MODULES if n.endswith("mlp.down_proj")}
+
+
+@st.composite
+def wrong_targets(draw):
+    """(modules, fingerprint params) a forger might write into the shift patch."""
+    module = draw(st.sampled_from([m for m in MODULES if m != MLP_OUT]) | st.text(max_size=12)
+                  | st.integers(4, 99).map(lambda i: f"model.layers.{i}.mlp.down_proj"))
+    params = [n for n in PARAMS if n.rpartition(".")[0] == module]
+    how = draw(st.sampled_from(["modules only", "consistent"] if params and module not in MLP_OUTS else ["modules only"]))
+    modules = draw(st.sampled_from([[module], [MLP_OUT, module], [module, module]]))
+    return modules, (params if how == "consistent" else [PARAM])
+
+
+@FUZZ_APPLY
+@given(target=wrong_targets())
+def test_apply_refuses_module_state_patches_aimed_at_other_modules(target):
+    from kedit_core.testing import plugin_registered
+
+    modules, params = target
+    tensors = {f"state/{m}/shift": torch.full((32,), 0.5) for m in modules}
+    fps = {n: tensor_fingerprint(_MODEL.get_parameter(n)) for n in params}
+    forged = _forge(Patch(tensors, dict(_SHIFT.metadata)), modules=modules, fingerprints=fps)
+    before = state_fingerprint(_MODEL)
+    with plugin_registered(_ShiftPlugin(), "fuzz-shift"):
+        try:
+            forged.apply(_MODEL)
+            raise AssertionError(f"attached a shift patch to {modules} fingerprinting {params}")
+        except KeditError as exc:
+            assert str(exc)
+    assert state_fingerprint(_MODEL) == before and stack(_MODEL) == []
+    assert not any(m._forward_hooks for m in _MODEL.modules())
+
+
+_GPT2 = tiny_model("gpt2")[0]
+TIED = ("transformer.wte.weight", "lm_head.weight")
+GPT2_PARAMS = [n for n, _ in _GPT2.named_parameters()]  # lists a tied tensor once, under its first name
+
+
+@FUZZ_APPLY
+@given(names=st.permutations(TIED), extra=st.sampled_from([[], *[[n] for n in GPT2_PARAMS[1:6]]]),
+       scale=st.floats(1e-6, 4.0), by_hand=st.booleans())
+def test_apply_refuses_patches_that_name_tied_weights(names, extra, scale, by_hand):
+    before = state_fingerprint(_GPT2)
+    deltas = {n: torch.full_like(_GPT2.get_parameter(n), scale) for n in [*names, *extra]}
+    try:
+        if by_hand:  # built without Patch.create (which refuses), id recomputed
+            fps = {n: tensor_fingerprint(_GPT2.get_parameter(n)) for n in deltas}
+            meta = {**_GOOD.metadata, "fingerprints": fps, "post_fingerprints": dict.fromkeys(deltas, "0" * 64)}
+            _forge(Patch({f"delta/{n}": d for n, d in deltas.items()}, meta)).apply(_GPT2)
+        else:
+            Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=_GPT2,
+                         tensors={f"delta/{n}": d for n, d in deltas.items()})
+        raise AssertionError(f"accepted a patch naming tied weights {names}")
+    except KeditError as exc:
+        assert "share storage" in str(exc)
+    assert state_fingerprint(_GPT2) == before and stack(_GPT2) == []
+
+
+@FUZZ_APPLY
+@given(name=st.sampled_from(TIED), scale=st.floats(1e-6, 4.0))
+def test_apply_one_of_two_tied_weights_reverts_bit_exactly(name, scale):
+    before = state_fingerprint(_GPT2)
+    patch = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=_GPT2,
+                         tensors={f"delta/{name}": torch.full_like(_GPT2.get_parameter(name), scale)})
+    patch.apply(_GPT2).revert()
+    assert state_fingerprint(_GPT2) == before

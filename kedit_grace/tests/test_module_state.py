@@ -200,3 +200,42 @@ def test_superseding_patch_that_fails_to_apply_puts_the_previous_back(registry, 
     assert [h.patch.patch_id for h in result.handles] == [first.patch_id]
     assert torch.equal(logits(model, tok), edited)
     editor.restore(result)
+
+
+def moved(patch: Patch, old: str, new: str, **extra) -> Patch:
+    """``patch`` edited by hand to put the state of module ``old`` at ``new``, its id recomputed."""
+    meta = dict(patch.metadata)
+    meta["modules"] = [new if p == old else p for p in meta["modules"]]
+    meta["extra"] = {**meta["extra"], **extra}
+    tensors = {k.replace(f"state/{old}/", f"state/{new}/"): v for k, v in patch.tensors.items()}
+    forged = Patch(tensors, meta)
+    forged.metadata["patch_id"] = forged.content_id()
+    return forged
+
+
+def hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_patch_edited_to_wrap_another_module_is_refused(registry, name):
+    from kedit_core.patch import stack
+
+    model, tok = tiny_model("llama")
+    method = registry.method(name)
+    patch = method.compute_patch(model, tok, three_requests()[:1], method.load_hparams(TINY_HPARAMS[name]),
+                                 resolve_architecture(model), EditContext())
+    modules, before, n_hooks = dict(model.named_modules()), logits(model, tok), hooks(model)
+    old = wrapped_paths(patch)[0]
+    forgeries = [moved(patch, old, new) for new in
+                 ("model.layers.0.mlp.down_proj", "model.norm", "lm_head", "", "model.layers.2.mlp", "model.layers.7.mlp.down_proj")]
+    if name == "melo":
+        router = patch.metadata["extra"]["router"]
+        forgeries += [moved(patch, router, new, router=new) for new in ("model.norm", "lm_head", "model.layers.3.mlp.down_proj")]
+    for forged in forgeries:
+        with pytest.raises(PatchError, match="wrap|route"):
+            forged.apply(model)
+        assert stack(model) == [] and dict(model.named_modules()) == modules and hooks(model) == n_hooks
+        assert torch.equal(logits(model, tok), before)
+    with patch.applied(model):  # the genuine patch still applies
+        assert not torch.equal(logits(model, tok), before)

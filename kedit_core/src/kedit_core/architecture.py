@@ -16,6 +16,10 @@ from torch import nn
 
 from .errors import ArchitectureError, HparamsError
 
+#: fields of :class:`ArchitectureSpec` naming one module of the model, or one module (or several) per layer
+MODEL_ROLES = ("embed", "final_norm", "lm_head")
+LAYER_ROLES = ("attn", "attn_out", "mlp", "mlp_in", "mlp_out", "post_mlp_norm")
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -101,6 +105,18 @@ class ArchitectureSpec:
 
     def module(self, model: nn.Module, index: int, rel: str) -> nn.Module:
         return get_module(model, self.layer_path(index, rel))
+
+    def role_paths(self, model: nn.Module, role: str) -> list[str]:
+        """Every module path of an architecture role -- a field naming modules: ``mlp_out``, ``attn``,
+        ``mlp_in`` (one per layer) or ``embed``, ``final_norm``, ``lm_head`` (one per model)."""
+        if role in MODEL_ROLES:
+            return [getattr(self, role)]
+        if role not in LAYER_ROLES:
+            known = ", ".join(MODEL_ROLES + LAYER_ROLES)
+            raise ArchitectureError(f"unknown architecture role {role!r} (known: {known})")
+        value = getattr(self, role)
+        rels = value if isinstance(value, tuple) else (value,) if value else ()
+        return [self.layer_path(i, rel) for i in range(self.num_layers(model)) for rel in rels]
 
     def mlp_out_param(self, index: int) -> str:
         """Full parameter name of the MLP down-projection weight at ``index`` (ROME's W_out)."""

@@ -58,6 +58,12 @@ class EditMethod(ABC):
     #: what the edit changes, for tables: "FFN", "FFN+attention", "codebook", "memory", "in-context", ...
     edit_area: ClassVar[str] = "FFN"
     kind: ClassVar[PatchKind] = PatchKind.WEIGHT_DELTA
+    #: the :class:`~kedit_core.architecture.ArchitectureSpec` role (``"mlp_out"``, ``"attn"``, ...) of the
+    #: modules this method's patches wrap. Before ``attach`` runs, core refuses a patch whose ``modules`` are
+    #: not modules of that role or not exactly the modules whose parameters it fingerprints. ``None``: the
+    #: method wraps no module (memory methods); core then refuses any patch that names modules, and every
+    #: module-state patch.
+    wraps: ClassVar[str | None] = None
     #: the package whose ``hparams/<name>/<model>.yaml`` files are this method's presets
     preset_package: ClassVar[str | None] = None
 
@@ -89,6 +95,7 @@ class EditMethod(ABC):
             "training": cls.requires_training,
             "edit_area": cls.edit_area,
             "kind": cls.kind.value,
+            "wraps": cls.wraps,
         }
 
     @classmethod

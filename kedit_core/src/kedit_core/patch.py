@@ -27,12 +27,13 @@ from .architecture import get_parameter
 from .errors import FingerprintMismatch, KeditError, PatchError
 from .fsutil import atomic_path
 from .method import PatchKind
+from .patch_checks import check_module_targets, check_shared_storage, describe_revert, revert_error_bound
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 SUFFIX = ".kedit.safetensors"
-JSON_KEYS = ("base_model", "fingerprints", "hparams", "requests", "extra", "modules")
+JSON_KEYS = ("base_model", "fingerprints", "post_fingerprints", "hparams", "requests", "extra", "modules")
 REQUIRED_KEYS = ("format_version", "kind", "method", "patch_id", "base_model", "fingerprints")
 STACK_ATTR = "_kedit_applied_patches"
 
@@ -71,7 +72,11 @@ class Patch:
         fingerprint_params: list[str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Patch:
-        """Make a patch for ``model`` in its current state (fingerprints are taken now)."""
+        """Make a patch for ``model`` in its current state (fingerprints are taken now).
+
+        A weight-delta patch also records ``post_fingerprints``: the sha256 of each parameter as
+        :meth:`apply` will write it, so that :meth:`revert_from_file` can check a model holds the patch.
+        """
         from .plugins import core_version
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -96,6 +101,10 @@ class Patch:
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         patch = cls(tensors, meta)
+        if patch.kind is PatchKind.WEIGHT_DELTA:
+            deltas = patch._checked_deltas(model)
+            post = {n: tensor_fingerprint(_added(get_parameter(model, n), d)) for n, d in deltas.items()}
+            meta["post_fingerprints"] = post
         patch.metadata["patch_id"] = patch.content_id()
         return patch
 
@@ -125,6 +134,10 @@ class Patch:
     @property
     def parent(self) -> str | None:
         return self.metadata.get("parent") or None
+
+    def post_fingerprints(self) -> dict[str, str] | None:
+        """sha256 of each parameter after :meth:`apply` (None for patches made before kedit recorded them)."""
+        return self.metadata.get("post_fingerprints")
 
     def parameters(self) -> list[str]:
         """Names of the parameters a weight-delta patch changes."""
@@ -215,6 +228,10 @@ class Patch:
             unfingerprinted = set(layout) - set(meta["fingerprints"])
             if unfingerprinted:
                 raise PatchError(f"no fingerprint for {sorted(unfingerprinted)[0]!r}")
+        post = meta.get("post_fingerprints")
+        if post is not None and (not isinstance(post, dict) or set(post) != set(layout)
+                                 or not all(isinstance(v, str) for v in post.values())):
+            raise PatchError("metadata 'post_fingerprints' must map each changed parameter to its sha256")
         for name, t in self.tensors.items():
             if not t.is_floating_point():
                 raise PatchError(f"tensor {name!r} has dtype {t.dtype}; patches hold floating-point tensors")
@@ -259,7 +276,9 @@ class Patch:
                 ) from None
             from .architecture import resolve_architecture
 
-            detach = method.attach(model, self, resolve_architecture(model))
+            arch = resolve_architecture(model)
+            check_module_targets(self, model, arch, method.wraps)
+            detach = method.attach(model, self, arch)
             handle = AppliedPatch(self, model, detach=detach)
         stack(model).append(handle)
         get_registry().notify("patch_applied", patch=self, model=model)
@@ -286,51 +305,88 @@ class Patch:
                     "from the one the edit was made on. Apply it to that model, or apply its parent patches first."
                 )
 
-    def _new_values(self, model: nn.Module, check_fingerprint: bool) -> dict[str, torch.Tensor]:
+    def _checked_deltas(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Dense deltas, each checked to name a parameter of ``model`` of its shape, none sharing storage."""
         deltas = self.deltas()
         for name, delta in deltas.items():
             try:
                 p = get_parameter(model, name)
             except KeditError:
-                raise PatchError(f"patch {self.patch_id} touches {name!r}, which this model does not have") from None
+                pid = self.metadata.get("patch_id", "(new)")
+                raise PatchError(f"patch {pid} touches {name!r}, which this model does not have") from None
             if tuple(delta.shape) != tuple(p.shape):
                 raise PatchError(f"delta for {name!r} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
+        check_shared_storage(self, model, deltas)
+        return deltas
+
+    def _new_values(self, model: nn.Module, check_fingerprint: bool) -> dict[str, torch.Tensor]:
+        deltas = self._checked_deltas(model)
         if check_fingerprint:
             self._check_fingerprints(model)
         new_values = {}
         with torch.no_grad():
             for name, delta in deltas.items():
-                p = get_parameter(model, name)
-                value = (p.detach().float() + delta.to(p.device, torch.float32)).to(p.dtype)
+                value = _added(get_parameter(model, name), delta)
                 if not torch.isfinite(value).all():
                     raise PatchError(f"refusing patch {self.patch_id}: {name!r} would hold non-finite values")
                 new_values[name] = value
         return new_values
 
     def revert_from_file(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        """Subtract the deltas without a saved copy; report per parameter whether the result is
-        bit-identical to the pre-edit weights and the largest rounding residual."""
+        """Revert without a saved copy. First checks that ``model`` holds exactly the weights this patch
+        writes (its ``post_fingerprints``); otherwise refuses and changes nothing. Then subtracts the
+        deltas and reports per parameter ``exact`` (the result's sha256 is the pre-edit fingerprint),
+        ``max_abs_error_bound`` (0 when exact, else a bound on ``|reverted - pre-edit|``, see
+        :func:`~kedit_core.patch_checks.revert_error_bound`) and ``summary``, the same in words."""
         if self.kind is not PatchKind.WEIGHT_DELTA:
-            raise PatchError("only weight_delta patches can be reverted from the file; unwrap module patches with the handle")
-        deltas = self.deltas()
+            raise PatchError(
+                "only weight_delta patches can be reverted from the file; unwrap module patches with the handle"
+            )
+        self.validate()
+        deltas = self._checked_deltas(model)
+        self._check_holds(model)
+        pre, post = self.metadata["fingerprints"], self.post_fingerprints() or {}
         report: dict[str, dict[str, Any]] = {}
         new_values = {}
         with torch.no_grad():
             for name, delta in deltas.items():
                 p = get_parameter(model, name)
-                if tuple(delta.shape) != tuple(p.shape):
-                    raise PatchError(f"delta for {name!r} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
-                d = delta.to(p.device, torch.float32)
-                value = (p.detach().float() - d).to(p.dtype)
+                # a delta that rounds away at this precision left the weight as it was: keep it
+                value = p.detach().clone() if post[name] == pre[name] else _subtracted(p, delta)
                 if not torch.isfinite(value).all():
                     raise PatchError(f"refusing revert: {name!r} would hold non-finite values")
-                residual = ((value.float() + d) - p.detach().float()).abs().max().item()
-                exact = tensor_fingerprint(value) == self.metadata["fingerprints"].get(name)
-                report[name] = {"exact": exact, "max_abs_residual": residual}
+                exact = tensor_fingerprint(value) == pre[name]
+                bound = 0.0 if exact else revert_error_bound(p, value, delta)
+                report[name] = {"exact": exact, "max_abs_error_bound": bound, "summary": describe_revert(exact, bound)}
                 new_values[name] = value
             for name, value in new_values.items():
                 get_parameter(model, name).copy_(value)
         return report
+
+    def _check_holds(self, model: nn.Module) -> None:
+        """Refuse unless every parameter of ``model`` this patch changes holds what :meth:`apply` writes."""
+        post = self.post_fingerprints()
+        if post is None:
+            raise PatchError(
+                f"patch {self.patch_id} records no post-edit fingerprints (made by an older kedit): kedit cannot "
+                "check that the model holds it, so it is not reverted from the file; revert with the handle of apply"
+            )
+        for name, expected in post.items():
+            held = tensor_fingerprint(get_parameter(model, name))
+            if held != expected:
+                state = ("it holds the pre-edit weights" if held == self.metadata["fingerprints"].get(name)
+                         else "they differ from both the pre-edit weights and the ones the patch writes")
+                raise PatchError(f"model does not hold patch {self.patch_id}: parameter {name!r} is not what the "
+                                 f"patch writes ({state}); nothing reverted")
+
+
+def _added(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``p + delta`` as :meth:`Patch.apply` writes it: added in float32, rounded to the parameter's dtype."""
+    return (p.detach().float() + delta.to(p.device, torch.float32)).to(p.dtype)
+
+
+def _subtracted(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (p.detach().float() - delta.to(p.device, torch.float32)).to(p.dtype)
 
 
 @dataclass

@@ -42,7 +42,8 @@ def _load(model: str, device: str, dtype: str, device_map: str | None):
 def _complete(model, tokenizer, prompts: tuple[str, ...], max_new_tokens: int) -> None:
     from ..evaluate import Evaluator
 
-    for p, text in zip(prompts, Evaluator(model, tokenizer).generate(list(prompts), max_new_tokens)):
+    texts = Evaluator(model, tokenizer).generate(list(prompts), max_new_tokens)
+    for p, text in zip(prompts, texts, strict=True):
         click.echo(f"{p} -> {text.strip()!r}")
 
 
@@ -79,7 +80,11 @@ def apply(paths, model, device, dtype, device_map, save_to, prompt, max_new_toke
 @click.option("--max-new-tokens", default=12, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def revert(path, model, device, dtype, device_map, save_to, prompt, max_new_tokens, as_json) -> None:
-    """Revert a weight patch from an edited MODEL using the file alone; report the residual."""
+    """Revert a weight patch from an edited MODEL using the file alone.
+
+    Refuses unless MODEL holds exactly the weights the patch writes; then reports per parameter whether
+    the result is bit-exact and, if not, a bound on its distance to the pre-edit weights.
+    """
     from ..patch import Patch
 
     p = Patch.load(path)
@@ -89,8 +94,7 @@ def revert(path, model, device, dtype, device_map, save_to, prompt, max_new_toke
         echo_json(report)
     else:
         for name, r in report.items():
-            state = "bit-exact" if r["exact"] else f"residual {r['max_abs_residual']:.3g}"
-            click.echo(f"reverted {name}: {state}")
+            click.echo(f"reverted {name}: {r['summary']}")
     _complete(m, tok, prompt, max_new_tokens)
     if save_to:
         m.save_pretrained(save_to)

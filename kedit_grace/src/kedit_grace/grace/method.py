@@ -56,6 +56,7 @@ class GRACE(EditMethod):
     cumulative_patches = True  # each patch carries the whole codebook / block set
     edit_area = "codebook"
     kind = PatchKind.MODULE_STATE
+    wraps = "mlp_out"  # core refuses a patch naming any other module
     preset_package = "kedit_grace"
 
     def __init__(self) -> None:
@@ -179,8 +180,8 @@ class GRACE(EditMethod):
                                keys.to(device), values.to(device), radii.to(device), labels, metric,
                                state_id=patch.patch_id)
         adaptor.prompts = prompts
-        adaptor.decoding = DecodingState().attach(model)
         uninstall = install(model, {path: adaptor})
+        adaptor.decoding = DecodingState().attach(model)  # after install: a failed install leaves no hook
 
         def detach() -> None:
             uninstall()

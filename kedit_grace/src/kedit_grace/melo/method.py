@@ -69,6 +69,7 @@ class MELO(EditMethod):
     cumulative_patches = True  # each patch carries the whole codebook / block set
     edit_area = "LoRA blocks"
     kind = PatchKind.MODULE_STATE
+    wraps = "mlp_out"  # core refuses a patch naming any other module
     preset_package = "kedit_grace"
 
     def __init__(self) -> None:
@@ -212,7 +213,8 @@ class MELO(EditMethod):
             raise PatchError(f"melo patch {pid}: block ids must be integers in [0, {n_blocks})")
         if extra.get("metric") not in ("euclidean", "cosine") or not isinstance(extra.get("scale"), (int, float)):
             raise PatchError(f"melo patch {pid}: extra metadata needs a metric and a scale")
-        get_module(model, router_path)
+        if router_path not in arch.role_paths(model, "attn"):
+            raise PatchError(f"melo patch {pid} would route on {router_path!r}, not an attention module of this model")
         for p in paths:
             self._check_lora(model, arch, patch, p, state[f"{p}/lora_a"], state[f"{p}/lora_b"], n_blocks)
         for name, t in state.items():
