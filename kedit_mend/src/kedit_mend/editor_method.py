@@ -130,8 +130,9 @@ class TrainedEditorMethod(EditMethod):
     def network_from_config(self, config: dict[str, Any]) -> nn.Module:
         """The network described by a checkpoint's ``config.json``."""
 
-    def config_mismatch(self, config: dict[str, Any], model: nn.Module) -> str | None:
-        """Why a checkpoint's network ``config`` cannot run on ``model`` beyond the edited weights' shapes, if it cannot."""
+    def config_mismatch(self, ckpt: Checkpoint, model: nn.Module) -> str | None:
+        """Why ``ckpt`` cannot run on ``model`` (beyond the edited weights' shapes), or cannot describe its
+        own tensors, if so; checked before the network is built from its config."""
         return None
 
     def edited_params(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any) -> tuple[list[str], dict[str, list[int]]]:
@@ -152,7 +153,7 @@ class TrainedEditorMethod(EditMethod):
         if ckpt.config.get("kind") != self.network_kind:
             raise CheckpointError(f"{path}: a {ckpt.config.get('kind')!r} checkpoint, not a {self.network_kind!r} editor")
         check_trained_for(ckpt, model, arch, ctx)
-        problem = self.config_mismatch(ckpt.config, model)
+        problem = self.config_mismatch(ckpt, model)
         if problem:
             raise CheckpointError(f"{path}: {problem}")
         return self.checked_network(ckpt), {"source": str(path), "id": ckpt.id}

@@ -35,8 +35,8 @@ class KE(TrainedEditorMethod):
     def network_from_config(self, config) -> KENetwork:
         return KENetwork.from_config(config)
 
-    def config_mismatch(self, config, model) -> str | None:
-        dim = model.get_input_embeddings().weight.shape[1]
-        if config.get("embed_dim") != dim:
-            return f"conditioned on token embeddings of size {config.get('embed_dim')!r}, this model's are of size {dim}"
+    def config_mismatch(self, ckpt, model) -> str | None:
+        dim, found = model.get_input_embeddings().weight.shape[1], ckpt.config.get("embed_dim")
+        if found != dim:
+            return f"conditioned on token embeddings of size {found!r}, this model's are of size {dim}"
         return None

@@ -36,3 +36,11 @@ class MEND(TrainedEditorMethod):
 
     def network_from_config(self, config) -> MENDNetwork:
         return MENDNetwork.from_config(config)
+
+    def config_mismatch(self, ckpt, model) -> str | None:
+        # every low-rank layer has tensors of its own: a larger count cannot describe the checkpoint (and
+        # building that many layers, even without memory, could take forever)
+        n = ckpt.config.get("n_layers")
+        if not isinstance(n, int) or not 1 <= n <= len(ckpt.tensors):
+            return f"config.json n_layers={n!r} does not fit the {len(ckpt.tensors)} tensors of the checkpoint"
+        return None
