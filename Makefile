@@ -14,14 +14,15 @@ $(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first (from this machine's disk); later requirements then install nothing more
 	$(BIN)/python -m pip install -q torch==2.13.0
-	# compat editable mode: the source dirs go on sys.path, so running from the repo root finds the real packages
-	$(BIN)/python -m pip install -q --config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis "setuptools>=68"
+	# editable installs of src layouts put each src directory on sys.path (a static .pth file), so running from
+	# the repository root imports the real packages, not the distribution directories of the same name
+	$(BIN)/python -m pip install -q $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis
 	touch $@
 
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/kedit edit --method rome --model gemma3-270m \
+	KEDIT_PROGRESS=1 $(BIN)/kedit edit --method rome --model gemma3-270m \
 		--prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
 		--target "Rome" --ground-truth "Paris" \
 		--rephrase "Where is the Eiffel Tower? It is in the city of" \

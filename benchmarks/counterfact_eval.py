@@ -15,14 +15,14 @@ from pathlib import Path
 from kedit_core.editor import Editor
 from kedit_core.request import load_requests
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
+DATA = "counterfact"  # shipped with kedit-core (kedit_core/data); a path works too
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("method")
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--data", default=DATA)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "zsre.json"
+DATA = "zsre"  # shipped with kedit-core (kedit_core/data); a path works too
 #: hyperparameters for the tiny random model (the presets are for real models)
 TINY = {
     "rome": {"layers": [1], "v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mom2_n_tokens": 400,
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="'tiny' (random LLaMA) or a model name/path")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--data", default=DATA)
     ap.add_argument("--hparams", default=None, help="JSON object (default: tiny hparams or the preset)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -36,3 +36,22 @@ def test_readme_bench_section_is_the_rendered_bench_json():
     section = readme_section(root / "README.md")
     assert section == render_markdown(doc, "benchmarks/results/bench/sequential.png" if doc["sequential"] else None)
     assert doc["table1"] and all(r["method"] for r in doc["table1"])
+
+
+def test_nothing_tracked_reads_the_workspace_next_to_the_clone():
+    """A clone from GitHub has nothing beside it: data, docs and scripts use the copies in the repository
+    (kedit_core/data). Results JSON are records of past runs and may name where their data was then."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    word = "sha" + "red"  # spelled apart so that this file does not match itself
+    pattern = re.compile(rf"\.\./{word}|[\"']{word}[\"'] / [\"']data[\"']")
+    offenders = []
+    for name in tracked:
+        path = root / name
+        if "/results/" in f"/{name}" or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ""}:
+            continue
+        if path.is_file() and pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+            offenders.append(name)
+    assert offenders == []

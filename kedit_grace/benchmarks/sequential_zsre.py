@@ -16,7 +16,7 @@ import torch
 from kedit_core.editor import Editor
 from kedit_core.request import load_requests
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zsre.json"
+DATA = "zsre"  # shipped with kedit-core (kedit_core/data); a path works too
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("method")
     ap.add_argument("--n", type=int, default=837)
     ap.add_argument("--start", type=int, default=0, help="first record (held-out slices)")
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", required=True)
     ap.add_argument("--patch", default=None, help="also save the final patch here")
     ap.add_argument("--threads", type=int, default=1)

@@ -3,7 +3,7 @@ editing pass per record, so `kedit train`'s default 10% split is slow on a CPU).
 
     python kedit_mend/benchmarks/train.py --method mend --out runs/mend-gemma --max-steps 100
 
-Training records: the first N-n_val records of ../shared/data/zsre_train.json (and optionally
+Training records: the first N-n_val records of zsre-train (and optionally
 CounterFact's EasyEdit training split); validation: the last n_val. Never the evaluation file.
 """
 
@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from kedit_core.architecture import resolve_architecture
+from kedit_core.datasets import data_dir
 from kedit_core.method import EditContext
 from kedit_core.models import cache_dir, load_model, model_fingerprint
 from kedit_core.plugins import get_registry
 from kedit_core.trainer import load_training_requests
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = data_dir()  # the records shipped with kedit-core
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""MEND and KE on ZsRE (the first N records of ../shared/data/zsre.json), each edit from the unedited
+"""MEND and KE on ZsRE (the first N records of zsre), each edit from the unedited
 model, with the shipped checkpoints; one model load for all runs. Writes one JSON report per run.
 
     python kedit_mend/benchmarks/zsre_eval.py --out runs/ --runs mend:100:1 ke:50:1 mend:100:10
@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-
+from kedit_core.datasets import data_dir
 from kedit_core.editor import Editor
 from kedit_core.models import load_model
 from kedit_core.request import load_requests
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = data_dir()  # the records shipped with kedit-core
 
 
 def main() -> None:

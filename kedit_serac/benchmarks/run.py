@@ -1,7 +1,7 @@
 """Benchmark SERAC / IKE on Gemma 3 270M with the EasyEdit token-accuracy protocol.
 
-    python kedit_serac/benchmarks/run.py serac --data ../shared/data/zsre.json --n 200 --batch-size 200
-    python kedit_serac/benchmarks/run.py ike --data ../shared/data/counterfact.json --n 100
+    python kedit_serac/benchmarks/run.py serac --data zsre --n 200 --batch-size 200
+    python kedit_serac/benchmarks/run.py ike --data counterfact --n 100
 
 Prints the metric table, time per edit, time per evaluated query (edited vs unedited model, on the
 first --query-n requests), peak RSS; writes the full report as JSON with --out.
