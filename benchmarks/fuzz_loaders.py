@@ -1,6 +1,7 @@
 """Fuzz the loaders with many generated inputs: the property tests of ``kedit_core/tests/test_fuzz.py``
-run with ``KEDIT_FUZZ_EXAMPLES`` cases each (default 10,000; CI runs 150). Prints a table of the cases
-tried per property and writes JSON.
+run with ``KEDIT_FUZZ_EXAMPLES`` cases each (default 10,000; CI runs 150), and so do the malformed
+trained-editor checkpoint properties of ``kedit_mend/tests/test_checkpoint_fuzz.py``. Prints a table of
+the cases tried per property and writes JSON.
 
     python benchmarks/fuzz_loaders.py --examples 10000 --out benchmarks/results/fuzz_loaders.json
 """
@@ -22,7 +23,9 @@ TESTS = ROOT / "kedit_core" / "tests" / "test_fuzz.py"
 #: forged fingerprints / post-edit fingerprints / wrapped modules, tied weights -- refused at apply or revert
 #: with the model bit-identical; they run KEDIT_FUZZ_EXAMPLES // 10 cases each)
 LOADER = {"patch": "patch loader", "request": "request loader", "hparams": "hyperparameter loader",
-          "apply": "patch apply/revert checks"}
+          "apply": "patch apply/revert checks", "checkpoint": "trained-editor checkpoint loader"}
+#: malformed MEND checkpoints (random, truncated, flipped model.safetensors; random and mutated config.json)
+CHECKPOINT_TESTS = ROOT / "kedit_mend" / "tests" / "test_checkpoint_fuzz.py"
 STAT = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?,? (?:and )?(\d+) invalid")
 
 
@@ -31,7 +34,7 @@ def parse(output: str) -> dict[str, dict[str, int]]:
     stats: dict[str, dict[str, int]] = {}
     current = None
     for line in output.splitlines():
-        head = re.match(r"^\S*test_fuzz\.py::(\w+):\s*$", line.strip())
+        head = re.match(r"^\S*test_\w*fuzz\.py::(\w+):\s*$", line.strip())
         if head:
             current = head.group(1)
             stats.setdefault(current, {"passing": 0, "failing": 0, "invalid": 0})
@@ -43,6 +46,12 @@ def parse(output: str) -> dict[str, dict[str, int]]:
     return stats
 
 
+def checkpoint_fuzz(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The trained-editor checkpoint properties (kedit_mend's tests), run like those of test_fuzz.py."""
+    return subprocess.run([sys.executable, "-m", "pytest", str(CHECKPOINT_TESTS), "-q", "-p", "no:cacheprovider",
+                           "--hypothesis-show-statistics"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=10_000)
@@ -52,8 +61,12 @@ def main() -> int:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", str(TESTS), "-q", "-p", "no:cacheprovider",
                            "--hypothesis-show-statistics"], cwd=ROOT, env=env, capture_output=True, text=True)
+    ckpt = checkpoint_fuzz(env)
     wall = time.perf_counter() - t0
-    stats = parse(proc.stdout)
+    stats = {**parse(proc.stdout), **parse(ckpt.stdout)}
+    if ckpt.returncode != 0:
+        print(ckpt.stdout[-3000:])
+        proc.returncode = proc.returncode or ckpt.returncode
     rows = []
     for test, s in sorted(stats.items()):
         loader = next((v for k, v in LOADER.items() if test.startswith(f"test_{k}")), "other")
