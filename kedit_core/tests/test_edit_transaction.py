@@ -139,3 +139,17 @@ def test_failed_resumable_run_keeps_saved_progress_and_resumes(tmp_path):
     ed.edit(reqs, sequential=True, keep_original_weight=False, evaluate=False, run_dir=tmp_path)
     assert len(calls) == 1  # only the third edit is computed again
     assert state_fingerprint(ed.model) == state_fingerprint(full.model)
+
+
+def test_contradictory_requests_in_one_batch_are_refused_with_both_record_indices():
+    ed = editor("llama")
+    before = state_fingerprint(ed.model)
+    a, b = tiny_requests()
+    berlin = a.model_copy(update={"target_new": "Berlin", "prompt": a.prompt + "  "})
+    with pytest.raises(RequestError, match=r"^records 2 and 3 ask the same prompt .* \('Rome' and 'Berlin'\) in one batch; "
+                                           "edit them in separate batches or sequentially$"):
+        ed.edit([a, b, a, berlin], batch_size=2, evaluate=False)
+    assert_pristine(ed, before)
+    ed.edit([a, berlin], sequential=True, batch_size=1, evaluate=False)  # one after the other: the later wins
+    ed.edit([a, b, berlin], batch_size=2, evaluate=False)  # in different batches
+    ed.edit([a, a], batch_size=2, evaluate=False)  # the same request twice asks nothing contradictory

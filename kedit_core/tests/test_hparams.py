@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from pydantic import Field
@@ -65,3 +66,53 @@ def test_assignment_is_validated_and_updated_copy():
     assert hp.updated(steps=9).steps == 9 and hp.steps == 3
     with pytest.raises(HparamsError):
         hp.updated(nope=1)
+
+
+class Typed(Hyperparams):
+    steps: int = 3
+    lr: float = 0.1
+    flag: bool = False
+    ratio: tuple[float, float] = (0.5, 0.5)
+    pairs: list[tuple[int, int]] = [(1, 2)]
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("steps", True, "Input should be a valid integer (got True)"),
+    ("steps", 2.0, "Input should be a valid integer"),
+    ("steps", "3", "Input should be a valid integer"),
+    ("lr", "0.05", "Input should be a valid number (got '0.05')"),
+    ("lr", True, "Input should be a valid number"),
+    ("flag", 1, "Input should be a valid boolean"),
+    ("flag", "yes", "Input should be a valid boolean"),
+])
+def test_values_are_not_coerced(field, value, expected):
+    with pytest.raises(HparamsError, match=rf"^hyperparameters: field '{field}': {re.escape(expected)}"):
+        Typed.from_dict({field: value})
+
+
+def test_yaml_and_json_values_are_accepted_as_they_come(tmp_path):
+    p = tmp_path / "h.yaml"
+    p.write_text("steps: 7\nlr: 1\nflag: true\nratio: [1, 0.25]\npairs: [[3, 4], [5, 6]]\n")
+    hp = Typed.from_file(p)
+    assert (hp.steps, hp.lr, hp.flag, hp.ratio, hp.pairs) == (7, 1.0, True, (1.0, 0.25), [(3, 4), (5, 6)])
+    assert isinstance(hp.lr, float) and isinstance(hp.ratio, tuple)
+    j = tmp_path / "h.json"
+    j.write_text(json.dumps(hp.to_dict()))
+    assert Typed.from_file(j) == hp and Typed.from_dict({"ratio": (0.1, 0.9)}).ratio == (0.1, 0.9)
+
+
+def test_yaml_exponent_floats_are_numbers_and_quoted_ones_strings(tmp_path):
+    p = tmp_path / "h.yaml"
+    p.write_text("lr: 1E3\n")
+    assert HP.from_file(p).lr == 1000.0
+    p.write_text("lr: '5e-1'\n")
+    with pytest.raises(HparamsError, match="field 'lr': Input should be a valid number"):
+        HP.from_file(p)
+    p.write_text("steps: 1e3\n")  # an exponent makes a float, and a float is no int
+    with pytest.raises(HparamsError, match="field 'steps': Input should be a valid integer"):
+        HP.from_file(p)
+
+
+def test_values_that_no_file_can_hold_are_refused_in_one_line():
+    with pytest.raises(HparamsError, match=r"^hyperparameters: values must be numbers, strings, booleans, lists or mappings"):
+        HP.from_dict({"lr": object()})

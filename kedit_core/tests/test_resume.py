@@ -123,3 +123,56 @@ def test_kedit_eval_killed_mid_run_resumes(tmp_path):
     assert [r["final"] for r in resumed["per_request"]] == [r["final"] for r in straight["per_request"]]
     assert resumed["metrics"] == straight["metrics"] and resumed["n"] == len(reqs)
     assert len(json.loads((run_dir / "run.json").read_text())["patch_files"]) == len(reqs)
+
+
+HOLDER = """
+import sys, time
+import kedit_ft.plugin
+from kedit_core.editor import Editor
+from kedit_core.plugins import reset_registry
+from kedit_core.testing import tiny_model, tiny_requests
+reset_registry(autoload=False).add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft", version="9.9")
+a, b = tiny_requests()
+reqs = [a, b, a.model_copy(update={"target_new": "Berlin"}), b.model_copy(update={"target_new": "golf"})]
+model, tok = tiny_model("llama")
+
+def hold(done, result):
+    print("ready", flush=True)
+    time.sleep(120)
+
+Editor("ft-m", model, tok, hparams=%r).edit(reqs, sequential=True, run_dir=sys.argv[1], on_chunk=hold)
+"""
+
+
+def test_two_runs_on_one_directory_the_second_fails_at_once(tmp_path):
+    from kedit_core.errors import RunLocked
+    from kedit_core.runstate import RunState
+
+    with RunState(tmp_path, {}).locked():
+        with pytest.raises(RunLocked, match=rf"^{tmp_path} is in use by another run \(process {os.getpid()} holds "
+                                            rf"{tmp_path / 'run.lock'}\); wait for it to end or use another run directory$"):
+            with RunState(tmp_path, {}).locked():
+                pass
+    with RunState(tmp_path, {}).locked():  # released when the first run ended
+        pass
+
+
+def test_a_second_process_on_a_run_directory_fails_at_once_and_resumes_once_the_first_is_gone(tmp_path):
+    from kedit_core.errors import RunLocked
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER % HP, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # the first process holds the directory, one edit done
+        second = fresh()
+        before = state_fingerprint(second.model)
+        computed = []
+        original = second.compute_patch
+        second.compute_patch = lambda chunk, parent=None: computed.append(chunk) or original(chunk, parent)
+        with pytest.raises(RunLocked, match=rf"in use by another run \(process {proc.pid} holds"):
+            second.edit(requests(), sequential=True, run_dir=tmp_path)
+        assert computed == [] and state_fingerprint(second.model) == before
+    finally:
+        proc.kill()
+        proc.wait()
+    second.edit(requests(), sequential=True, run_dir=tmp_path)  # the lock died with its process
+    assert len(computed) == 3  # and the run resumed after the first process's saved edit

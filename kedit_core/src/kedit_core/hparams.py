@@ -3,11 +3,17 @@
 Each method declares a subclass of :class:`Hyperparams` with its knobs. Unknown keys are rejected,
 so a typo in a file is an error, not a silently ignored setting. Module paths belong to the
 :class:`~kedit_core.architecture.ArchitectureSpec`; device and dtype to the Editor.
+
+Values are strict: they are validated as the YAML/JSON values they are (pydantic strict mode, JSON
+flavour), so ``num_steps: true`` or ``lr: "0.05"`` is an error rather than 1 or 0.05. An integer is a
+valid float, a list is a valid tuple, a string a valid path -- the forms a file has for them. YAML is
+read with YAML 1.2's numbers: ``5e-1`` is a float (PyYAML's YAML 1.1 would read a string).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +29,7 @@ H = TypeVar("H", bound="Hyperparams")
 class Hyperparams(BaseModel):
     """Base class of every method's hyperparameters."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
 
     #: the method these hyperparameters belong to (optional in files; checked when present)
     method: str | None = None
@@ -33,7 +39,11 @@ class Hyperparams(BaseModel):
         if not isinstance(data, dict):
             raise HparamsError(f"{source}: expected a mapping of hyperparameters, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
+            text = json.dumps(data, allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise HparamsError(f"{source}: values must be numbers, strings, booleans, lists or mappings ({exc})") from None
+        try:  # validated as JSON: strict types, with JSON's forms of tuples and paths
+            return cls.model_validate_json(text)
         except ValidationError as exc:
             raise HparamsError(f"{source}: {_format_errors(exc)}") from None
 
@@ -62,10 +72,21 @@ def read_mapping_file(path: Path) -> Any:
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Yaml12NumbersLoader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HparamsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
+
+
+class _Yaml12NumbersLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading exponent floats without a dot (``5e-1``, ``1E3``) as YAML 1.2 does."""
+
+
+_Yaml12NumbersLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _format_errors(exc: ValidationError) -> str:
