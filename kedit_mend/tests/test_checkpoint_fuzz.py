@@ -27,14 +27,18 @@ from kedit_mend.mend import MEND
 
 N = int(os.environ.get("KEDIT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck))
-REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome")
+REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
+                      target_new="Rome")
 HP = {"layers": [2, 3], "rank": 4}
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=12)
-CONFIG_KEYS = st.sampled_from(["kind", "params", "shapes", "rank", "n_layers", "edit_lr", "seed", "base_model", "extra"])
-PARAMS = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)] + ["model.embed_tokens.weight", "lm_head.weight", "x"]
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=12)
+CONFIG_KEYS = st.sampled_from(["kind", "params", "shapes", "rank", "n_layers", "edit_lr", "seed", "base_model",
+                               "extra"])
+PARAMS = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)] + ["model.embed_tokens.weight", "lm_head.weight",
+                                                                          "x"]
 
 
 class Setup:
@@ -48,7 +52,8 @@ class Setup:
         self.dir = Path(tempfile.mkdtemp(prefix="kedit-ckpt-fuzz-")) / "good"
         self.dir.mkdir()
         save_tensors(net.state_dict(), self.dir / MODEL_FILE)
-        self.meta = {"trainer": "EditorTrainer", "config": {**net.config(), "base_model": {"id": "tiny", "fingerprint": ""}}}
+        config = {**net.config(), "base_model": {"id": "tiny", "fingerprint": ""}}
+        self.meta = {"trainer": "EditorTrainer", "config": config}
         (self.dir / CONFIG_FILE).write_text(json.dumps(self.meta))
         self.weights = (self.dir / MODEL_FILE).read_bytes()
         self.tensors = load(self.weights)
@@ -100,7 +105,8 @@ def test_checkpoint_truncated_weights(tmp_path_factory, cut):
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (``torch.equal`` calls 0.0 and -0.0 equal; the id does not)."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8))
+    raw_a, raw_b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and raw_a.equal(raw_b)
 
 
 @FUZZ

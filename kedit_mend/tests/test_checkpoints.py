@@ -26,7 +26,8 @@ from kedit_mend.mend import MEND
 
 HP = {"mend": {"layers": [2, 3], "rank": 8},
       "ke": {"layers": [2, 3], "lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8}}
-REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome")
+REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
+                      target_new="Rome")
 METHODS = {"mend": MEND, "ke": KE}
 
 

@@ -150,8 +150,9 @@ class TrainedEditorMethod(EditMethod):
             log.warning("%s: no trained checkpoint configured; using the untrained editor network", self.name)
             return self.build_network(model, arch, hparams), {"source": "untrained"}
         ckpt = self._checkpoints.read(path)
-        if ckpt.config.get("kind") != self.network_kind:
-            raise CheckpointError(f"{path}: a {ckpt.config.get('kind')!r} checkpoint, not a {self.network_kind!r} editor")
+        kind = ckpt.config.get("kind")
+        if kind != self.network_kind:
+            raise CheckpointError(f"{path}: a {kind!r} checkpoint, not a {self.network_kind!r} editor")
         check_trained_for(ckpt, model, arch, ctx)
         problem = self.config_mismatch(ckpt, model)
         if problem:
