@@ -23,8 +23,8 @@ from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod, PatchKind
 from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint, model_key
 from .patch import AppliedPatch, Patch
-from .preflight import check_batch_conflicts, check_lengths
 from .plugins import get_registry
+from .preflight import check_batch_conflicts, check_lengths
 from .request import EditRequest
 from .runstate import RunState, run_signature
 

@@ -41,8 +41,14 @@ def request_texts(request: EditRequest, generate: bool = False) -> Iterator[tupl
             yield f"generation_prompts[{j}]" if request.generation_prompts else "prompt (generation)", p, None
 
 
-def check_lengths(requests: Sequence[EditRequest], tokenizer: Any, max_positions: int | None, *,
-                  generate_tokens: int = 0, offset: int = 0) -> None:
+def check_lengths(
+    requests: Sequence[EditRequest],
+    tokenizer: Any,
+    max_positions: int | None,
+    *,
+    generate_tokens: int = 0,
+    offset: int = 0,
+) -> None:
     """Refuse any text of ``requests`` longer than ``max_positions`` tokens (None: no limit known).
 
     ``generate_tokens`` > 0 also checks the generation prompts with that many generated tokens.
