@@ -219,3 +219,23 @@ def test_the_checkpoint_is_read_once_per_method_until_it_changes(llama, tmp_path
     moved = edit(method, model, tok, ckpt)
     assert len(reads) == 2 and "model.layers.1.mlp.down_proj.weight" in moved.metadata["fingerprints"]
     assert moved.metadata["extra"]["checkpoint"]["id"] != first[0].metadata["extra"]["checkpoint"]["id"]
+
+
+def test_kedit_edit_reports_a_malformed_checkpoint_in_one_line(llama, tmp_path, capsys):
+    # before: the JSONDecodeError traceback of config.json
+    from kedit_core.cli import main
+
+    model, tok = llama
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, MEND())
+    (ckpt / CONFIG_FILE).write_text("{oops")
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"method": "mend", **HP["mend"]}))
+    rc = main(["edit", "--method", "mend", "--model", str(tmp_path / "model"), "--hparams", str(hp),
+               "--checkpoint", str(ckpt), "--prompt", REQUEST.prompt, "--subject", REQUEST.subject,
+               "--target", REQUEST.target_new, "--out", str(tmp_path / "e.kedit.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and not (tmp_path / "e.kedit.safetensors").exists()
+    assert err[-1] == f"kedit: error: {ckpt / CONFIG_FILE}: not valid JSON (Expecting property name enclosed in " \
+                      "double quotes: line 1 column 2 (char 1))", err
