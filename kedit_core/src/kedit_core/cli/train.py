@@ -15,7 +15,9 @@ from .options import echo_json
 @click.option("--model", "model", default="gemma3-270m", show_default=True, help="The base model the editor is trained for.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True)
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training records (ZsRE, CounterFact, EasyEdit JSON).")
+@click.option("--data", required=True,
+              help="Training records: a shipped data set (zsre-train, counterfact-train) or a ZsRE, CounterFact or "
+                   "EasyEdit JSON file.")
 @click.option("--val", type=click.Path(dir_okay=False), default=None,
               help="Validation records [default: a seeded val_fraction of --data].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds a state).")
