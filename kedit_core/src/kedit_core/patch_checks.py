@@ -90,8 +90,10 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     """Spacing above each ``|t|`` at the working precision of :meth:`Patch.apply`: the tensor's dtype,
     at most float32 (apply adds in float32), as float64."""
     work = t.dtype if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    a = t.detach().abs().to(work)
-    return (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).double()
+    info = torch.finfo(work)
+    a = t.detach().abs().to(work).double()
+    spacing = torch.ldexp(torch.full_like(a, info.eps), torch.frexp(a).exponent - 1)  # |t| = m * 2**e, m in [0.5, 1)
+    return torch.where(a < info.smallest_normal, torch.full_like(a, info.smallest_normal * info.eps), spacing)
 
 
 def revert_error_bound(applied: torch.Tensor, reverted: torch.Tensor, delta: torch.Tensor) -> float:
