@@ -103,7 +103,7 @@ def test_a_checkpoint_trained_for_another_model_fingerprint_is_refused(llama, tm
     model, tok = llama
     ckpt = write_checkpoint(tmp_path / "ckpt", model, MEND(), fingerprint="0123456789abcdef")
     before = state_fingerprint(model)
-    with pytest.raises(CheckpointError, match="fingerprint 0123456789abcdef .*this model's is fedcba9876543210"):
+    with pytest.raises(CheckpointError, match="fingerprint '0123456789abcdef' .*this model's is fedcba9876543210"):
         edit(MEND(), model, tok, ckpt, fingerprint="fedcba9876543210")
     assert state_fingerprint(model) == before
     patch = edit(MEND(), model, tok, ckpt, fingerprint="0123456789abcdef")  # the model it was trained for
@@ -140,6 +140,8 @@ MALFORMED = {
     "shapes a list": _config(lambda m: m["config"].update(shapes=[64, 128])),
     "params a string": _config(lambda m: m["config"].update(params="model.layers.2.mlp.down_proj.weight")),
     "base_model a string": _config(lambda m: m["config"].update(base_model="gemma")),
+    "a shape with a newline (found by the fuzz test)": _config(
+        lambda m: m["config"]["shapes"].update({m["config"]["params"][0]: "[32,\n64]"})),
     "rank disagrees with the tensors": _config(lambda m: m["config"].update(rank=4)),
     "rank a string": _config(lambda m: m["config"].update(rank="eight")),
     "edit_lr negative": _config(lambda m: m["config"].update(edit_lr=-1.0)),

@@ -87,13 +87,13 @@ def check_trained_for(ckpt: Checkpoint, model: nn.Module, arch: ArchitectureSpec
         except Exception as exc:  # noqa: BLE001 - any failure to find the weight means another model
             raise CheckpointError(f"{where}: trained for another model ({one_line(exc)})") from None
         if actual != shape:
-            raise CheckpointError(f"{where}: trained for {p} of shape {shape}, this model's is {actual}")
+            raise CheckpointError(f"{where}: trained for {p!r} of shape {shape!r}, this model's is {actual}")
     base = config.get("base_model", {})
     if not isinstance(base, dict) or not isinstance(base.get("fingerprint", ""), str):
         raise CheckpointError(f"{where}: config.json 'base_model' must be an object with a string 'fingerprint'")
     expected = base.get("fingerprint")
     if expected and ctx.model_fingerprint and expected != ctx.model_fingerprint:
-        raise CheckpointError(f"{where}: trained for the model with fingerprint {expected} ({base.get('id')}), "
+        raise CheckpointError(f"{where}: trained for the model with fingerprint {expected!r} ({base.get('id')!r}), "
                               f"this model's is {ctx.model_fingerprint} (weights and dtype must match); "
                               "train a checkpoint for this model")
 
