@@ -114,3 +114,26 @@ def test_split_validation_is_seeded_and_disjoint():
     train, val = split_validation(items, 0.2, seed=3)
     assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == items
     assert split_validation(items, 0.2, seed=3) == (train, val)
+
+
+def test_checkpoint_id_and_cache(tmp_path):
+    """The id covers the canonical config.json and every tensor's bytes; the cache re-reads a changed file."""
+    from kedit_core.errors import CheckpointError
+    from kedit_core.trainer import CheckpointCache, read_checkpoint, save_tensors
+
+    ckpt = tmp_path / "ckpt"
+    save_tensors({"w": torch.ones(2, 3), "b": torch.zeros(3)}, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps({"config": {"layers": [1, 2], "kind": "x"}}))
+    first = read_checkpoint(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"config": {"kind": "x", "layers": [1, 2]}}, indent=4))
+    assert read_checkpoint(ckpt).id == first.id  # key order and whitespace
+    cache = CheckpointCache()
+    assert cache.read(ckpt) is cache.read(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"config": {"kind": "x", "layers": [1, 3]}}))
+    moved = cache.read(ckpt)
+    assert moved.id != first.id and moved.config["layers"] == [1, 3]
+    save_tensors({"w": torch.ones(2, 3), "b": torch.zeros(3, dtype=torch.float64)}, ckpt / "model.safetensors")
+    assert cache.read(ckpt).id not in (first.id, moved.id)  # same values, another dtype
+    torch.save({"w": torch.ones(2)}, ckpt / "model.safetensors")  # a pickle under the safetensors name
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        cache.read(ckpt)
