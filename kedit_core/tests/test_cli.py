@@ -159,9 +159,10 @@ def test_revert_json_and_text_report_the_same_words_and_numbers(patch_file, mode
         assert r["exact"] or repr(r["max_abs_error_bound"]) in r["summary"]
 
 
-def test_eval_json_report(model_dir, tmp_path, capsys, shared_data):
+def test_eval_json_report(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
-    assert main(["eval", "--method", "ft-m", "--model", str(model_dir), "--data", str(shared_data / "zsre.json"),
+    monkeypatch.chdir(tmp_path)  # the shipped data set is found by name from any directory
+    assert main(["eval", "--method", "ft-m", "--model", str(model_dir), "--data", "zsre",
                  "--limit", "3", "--sequential", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n"] == 3 and report["sequential"] and len(report["per_request"]) == 3

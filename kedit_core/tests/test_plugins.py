@@ -94,6 +94,10 @@ def test_same_name_from_two_plugins_is_a_clash_that_hides_nothing():
     assert reg.lookup("pkg-two:dummy").plugin.name == "two" and reg.lookup("dummy", package="one").plugin.name == "one"
     with pytest.raises(UnknownMethod, match="provided by pkg-one:dummy, pkg-two:dummy"):
         reg.lookup("pkg-three:dummy")
+    # a patch names the package that made it: that claimant attaches it; a patch of neither is refused
+    assert isinstance(reg.method_for_patch("dummy", "pkg-two"), Dummy)
+    with pytest.raises(PluginError, match="registered by pkg-one"):
+        reg.method_for_patch("dummy", "pkg-three")
 
 
 class Impostor(EditMethod):

@@ -268,7 +268,7 @@ class Patch:
                 self._check_fingerprints(model)
             registry = get_registry()
             try:
-                method = registry.method(self.method)
+                method = registry.method_for_patch(self.method, self.metadata.get("plugin"))
             except KeditError:
                 plugin = self.metadata.get("plugin") or "the plugin that provides it"
                 raise PatchError(

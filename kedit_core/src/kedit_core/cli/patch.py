@@ -33,6 +33,32 @@ def show(path: str, as_json: bool) -> None:
         click.echo(f"  {name}  {t['dtype']}{t['shape']}")
 
 
+def check_against_known_weights(patches: list, model: str, dtype: str) -> None:
+    """Refuse, before the model is loaded, patches computed on other weights than ``model``'s, when kedit
+    recorded that model's parameter fingerprints (models it converted). Patches apply in order: a
+    parameter an earlier patch of the list changes is checked by ``apply`` later, not here."""
+    from ..errors import FingerprintMismatch
+    from ..models import known_parameter_fingerprints
+
+    known = known_parameter_fingerprints(model, dtype)
+    if not known:
+        return
+    changed: set[str] = set()
+    for p in patches:
+        for name, expected in p.metadata["fingerprints"].items():
+            if name in changed:
+                continue
+            if name not in known:
+                raise KeditError(f"patch {p.patch_id} touches {name!r}, which {model} does not have")
+            if known[name] != expected:
+                base = p.metadata["base_model"].get("id", "another model")
+                raise FingerprintMismatch(
+                    f"patch {p.patch_id} was computed on other weights ({base}) than {model}'s: parameter {name!r} "
+                    "differs (checked before loading the model). Apply it to that model, or its parent patches first."
+                )
+        changed.update(p.metadata["fingerprints"])
+
+
 def _load(model: str, device: str, dtype: str, device_map: str | None):
     from ..models import load_model
 
@@ -61,6 +87,7 @@ def apply(paths, model, device, dtype, device_map, save_to, prompt, max_new_toke
     patches = [Patch.load(p) for p in paths]  # every file is validated before the model is loaded
     if save_to and any(p.kind is not PatchKind.WEIGHT_DELTA for p in patches):
         raise KeditError("only weight_delta patches can be merged into saved weights; apply module/memory patches at run time")
+    check_against_known_weights(patches, model, dtype)
     m, tok, _ = _load(model, device, dtype, device_map)
     for p in patches:
         p.apply(m)
