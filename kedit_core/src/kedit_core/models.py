@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
+from .fsutil import apply_umask
 from .progress import step
 
 if TYPE_CHECKING:
@@ -260,6 +261,7 @@ def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) 
     model.config.architectures = [type(model).__name__]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    apply_umask(tmp)  # mkdtemp makes 0700: the cache is shared like any file the user writes
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
