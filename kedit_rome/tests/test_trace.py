@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from kedit_core.architecture import resolve_architecture
 from kedit_core.testing import FAMILIES, tiny_model
+from kedit_rome.cli import trace as trace_command
 from kedit_rome.trace import (
     causal_trace,
     embedding_std,
@@ -18,7 +19,6 @@ from kedit_rome.trace import (
     subject_token_range,
     window_layers,
 )
-from kedit_rome.trace.cli import trace as trace_command
 from kedit_rome.trace.profile import subject_last_profile
 
 PROMPT = "Where is it? The Eiffel Tower is located in the city of"

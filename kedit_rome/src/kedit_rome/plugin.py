@@ -13,6 +13,6 @@ def register_methods(register):
 
 @hookimpl
 def register_commands(cli):
-    from .trace.cli import trace
+    from .cli import trace
 
     cli.add_command(trace)

@@ -1,4 +1,5 @@
-"""``kedit trace``: causal tracing of one fact from the command line (added by the kedit-rome plugin)."""
+"""``kedit trace``: causal tracing of one fact from the command line (added by the kedit-rome plugin; kept
+outside the ``trace`` package so that registering the command imports no torch)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def trace(model: str, device: str, dtype: str, prompt: str, subject: str, answer
     from kedit_core.models import load_model
     from kedit_core.progress import step
 
-    from .causal_trace import causal_trace
-    from .plot import save_trace
+    from .trace.causal_trace import causal_trace
+    from .trace.plot import save_trace
 
     if subject not in prompt:
         raise KeditError(f"subject {subject!r} does not occur in prompt {prompt!r}")
