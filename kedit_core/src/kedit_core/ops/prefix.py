@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..architecture import ArchitectureSpec
+from .hooks import stop_after
 
 
 def _detach(out: Any) -> Any:
@@ -54,17 +55,10 @@ def cached_prefix(
 
         return hook
 
-    class _Stop(Exception):
-        pass
-
-    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
-        raise _Stop
-
     try:
         for i in range(n_layers):
             handles.append(layers[i].register_forward_hook(recorder(i)))
-        handles.append(layers[n_layers - 1].register_forward_hook(stop))
-        with torch.no_grad(), contextlib.suppress(_Stop):
+        with torch.no_grad(), stop_after(layers[n_layers - 1]):
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in handles:
