@@ -183,16 +183,13 @@ class Editor:
             raise KeditError(f"method {self.method.name!r} edits one request at a time (no batch editing)")
         self.check_requests(reqs, batch_size=len(reqs))
         try:
-            patch = self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx)
+            return self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx,
+                                             parent=parent.patch_id if parent is not None else None)
         except KeditError:
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise EditError(f"method {self.method.name!r} failed: {type(exc).__name__}: {first}") from exc
-        if parent is not None and not patch.parent:
-            patch.metadata["parent"] = parent.patch_id
-            patch.metadata["patch_id"] = patch.content_id()
-        return patch
 
     def check_requests(self, requests: list[EditRequest], batch_size: int = 1, fluency: bool = False) -> None:
         """Refuse, before anything is edited, texts longer than the model's positions and batches of
@@ -202,6 +199,12 @@ class Editor:
         if batch_size > 1:
             for lo in range(0, len(requests), batch_size):
                 check_batch_conflicts(requests[lo : lo + batch_size], offset=lo)
+
+    def trainer(self, train: list[EditRequest], val: list[EditRequest] | None, out_dir: str | Path) -> Any:
+        """The trainer of a method with trained components (``requires_training``), set up on this
+        editor's model, hyperparameters and context; its checkpoint goes to ``out_dir``."""
+        return self.method.trainer(self.model, self.tokenizer, self.hparams, self.arch, self._ctx,
+                                   train=train, val=val, out_dir=Path(out_dir))
 
     def evaluator(self, fluency: bool = False) -> Evaluator:
         return Evaluator(self.model, self.tokenizer, fluency=fluency)
@@ -283,10 +286,9 @@ class Editor:
         try:
             for lo in range(done, len(reqs), bs):
                 chunk = reqs[lo : lo + bs]
-                self._ctx.applied = [h.patch for h in result.handles]
                 t0 = time.perf_counter()
                 patch = self._chunk_patch(chunk, parent if sequential else None, lo)
-                handle = self._apply_sequential(patch, result) if sequential else patch.apply(self.model)
+                handle = self._apply_sequential(patch, result) if sequential else patch.apply(self.model, tokenizer=self.tokenizer)
                 result.handles.append(handle)  # in the result at once: should anything below fail, it is reverted
                 result.edit_seconds.append(time.perf_counter() - t0)
                 result.patches.append(patch)
@@ -359,8 +361,8 @@ class Editor:
         time a weight is overwritten it is snapshot into ``result.baseline`` -- memory stays one copy
         per touched weight however many edits the run makes."""
         if patch.kind is not PatchKind.WEIGHT_DELTA:
-            return patch.apply(self.model)
-        return patch.apply(self.model, keep_copy=False, snapshot=result.baseline)
+            return patch.apply(self.model, tokenizer=self.tokenizer)
+        return patch.apply(self.model, tokenizer=self.tokenizer, keep_copy=False, snapshot=result.baseline)
 
     def restore(self, result: EditResult) -> None:
         """Revert every patch ``result`` left applied (newest first), bit-exactly."""

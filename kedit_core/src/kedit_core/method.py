@@ -1,4 +1,9 @@
-"""The Strategy every editing method implements: requests in, a :class:`~kedit_core.patch.Patch` out."""
+"""The Strategy every editing method implements: requests in, an :class:`~kedit_core.edit.Edit` out.
+
+The method computes typed tensors (:meth:`EditMethod.compute_edit`); the core turns them into a
+:class:`~kedit_core.patch.Patch` with its provenance (:func:`~kedit_core.edit.build_patch`), applies it,
+or hands a module-state / memory patch to :meth:`EditMethod.attach` with a :class:`ModelContext`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from .errors import HparamsError, PatchError
+from .errors import HparamsError, KeditError, PatchError
 from .hparams import Hyperparams, preset_files
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .architecture import ArchitectureSpec
+    from .edit import Edit
     from .patch import Patch
     from .request import EditRequest
+    from .trainer import BaseTrainer
 
 
 class PatchKind(str, enum.Enum):
@@ -37,8 +44,16 @@ class EditContext:
     checkpoint: Path | None = None
     progress: bool = False
     seed: int = 0
-    #: patches already applied to the model by this editing session (sequential editing), oldest first
-    applied: list[Patch] = field(default_factory=list)
+
+
+@dataclass
+class ModelContext:
+    """The model a patch is attached to, with what a method needs to reach into it."""
+
+    model: nn.Module
+    arch: ArchitectureSpec
+    #: the model's tokenizer; None when the caller has none (methods that need it refuse the patch)
+    tokenizer: Any = None
 
 
 class Detach(Protocol):
@@ -68,6 +83,17 @@ class EditMethod(ABC):
     preset_package: ClassVar[str | None] = None
 
     @abstractmethod
+    def compute_edit(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: list[EditRequest],
+        hparams: Hyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
+        """Compute the edit for ``requests``; must leave ``model`` exactly as it found it."""
+
     def compute_patch(
         self,
         model: nn.Module,
@@ -76,15 +102,30 @@ class EditMethod(ABC):
         hparams: Hyperparams,
         arch: ArchitectureSpec,
         ctx: EditContext,
+        parent: str | None = None,
     ) -> Patch:
-        """Compute the edit for ``requests``; must leave ``model`` exactly as it found it."""
+        """The core's side, not for methods to override: :meth:`compute_edit`, then the patch with its
+        provenance (:func:`~kedit_core.edit.build_patch`), fingerprinted on ``model`` as it is."""
+        from .edit import build_patch
 
-    def attach(self, model: nn.Module, patch: Patch, arch: ArchitectureSpec) -> Detach:
-        """Install a module-state or memory patch; return a callable that removes it.
+        edit = self.compute_edit(model, tokenizer, requests, hparams, arch, ctx)
+        return build_patch(edit, method=self, model=model, hparams=hparams, requests=requests, ctx=ctx, parent=parent)
 
-        Must validate everything before changing the model. Weight-delta methods never need it.
+    def attach(self, target: ModelContext, patch: Patch) -> Detach:
+        """Install a module-state or memory patch on ``target.model``; return a callable that removes it.
+
+        Must validate everything before changing the model (the core has already checked that the
+        patch's modules are this method's kind, see :attr:`wraps`). Weight-delta methods never need it.
         """
         raise PatchError(f"method {self.name!r} does not apply {patch.kind.value} patches")
+
+    def trainer(self, model: nn.Module, tokenizer: Any, hparams: Hyperparams, arch: ArchitectureSpec,
+                ctx: EditContext, *, train: list[EditRequest], val: list[EditRequest] | None,
+                out_dir: Path) -> BaseTrainer:
+        """A method with trained components (``requires_training``) returns the
+        :class:`~kedit_core.trainer.BaseTrainer` that writes its checkpoint to ``out_dir`` -- what
+        ``ctx.checkpoint`` (``--checkpoint``) names at edit time. ``Editor.trainer`` sets it up."""
+        raise KeditError(f"method {self.name!r} has nothing to train")
 
     # -- hyperparameters ------------------------------------------------------------------------
     @classmethod

@@ -26,7 +26,7 @@ from torch import nn
 from .architecture import get_parameter
 from .errors import FingerprintMismatch, KeditError, PatchError
 from .fsutil import atomic_path
-from .method import PatchKind
+from .method import ModelContext, PatchKind
 from .patch_checks import check_module_targets, check_shared_storage, describe_revert, revert_error_bound
 
 log = logging.getLogger(__name__)
@@ -239,9 +239,10 @@ class Patch:
             raise PatchError(f"content does not match patch id {meta['patch_id']!r} (file altered or damaged)")
 
     # -- apply / revert -------------------------------------------------------------------------
-    def apply(self, model: nn.Module, *, check_fingerprint: bool = True, keep_copy: bool = True,
-              snapshot: dict[str, torch.Tensor] | None = None) -> AppliedPatch:
-        """Apply to ``model``; everything is checked before the first weight is written.
+    def apply(self, model: nn.Module, *, tokenizer: Any = None, check_fingerprint: bool = True,
+              keep_copy: bool = True, snapshot: dict[str, torch.Tensor] | None = None) -> AppliedPatch:
+        """Apply to ``model``; everything is checked before the first weight is written. Module-state and
+        memory patches are attached by their method, which may need the model's ``tokenizer`` (SERAC, IKE).
 
         ``keep_copy=False`` (weight deltas) keeps no copy of the overwritten weights: the handle
         cannot ``revert()``; whoever applies it keeps its own snapshot (a long sequential run keeps
@@ -276,17 +277,17 @@ class Patch:
                 ) from None
             from .architecture import resolve_architecture
 
-            arch = resolve_architecture(model)
-            check_module_targets(self, model, arch, method.wraps)
-            detach = method.attach(model, self, arch)
+            target = ModelContext(model, resolve_architecture(model), tokenizer)
+            check_module_targets(self, model, target.arch, method.wraps)
+            detach = method.attach(target, self)
             handle = AppliedPatch(self, model, detach=detach)
         stack(model).append(handle)
         get_registry().notify("patch_applied", patch=self, model=model)
         return handle
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, *, check_fingerprint: bool = True) -> Iterator[AppliedPatch]:
-        handle = self.apply(model, check_fingerprint=check_fingerprint)
+    def applied(self, model: nn.Module, *, tokenizer: Any = None, check_fingerprint: bool = True) -> Iterator[AppliedPatch]:
+        handle = self.apply(model, tokenizer=tokenizer, check_fingerprint=check_fingerprint)
         try:
             yield handle
         finally:

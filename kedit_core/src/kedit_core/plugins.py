@@ -21,6 +21,7 @@ imported on first use, and architectures are collected when first asked for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -381,6 +382,25 @@ def reset_registry(autoload: bool | None = None) -> Registry:
     global _REGISTRY
     _REGISTRY = Registry() if autoload is None else Registry(autoload=autoload)
     return _REGISTRY.load()
+
+
+def plugin_of(cls: type) -> PluginInfo:
+    """The plugin that provides method class ``cls``, as the process-wide registry knows it; for a class no
+    plugin registered (a notebook, a test), the distribution its module belongs to."""
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for infos in get_registry().claims.values():
+        for info in infos:
+            if info._cls is cls or (info.spec is not None and info.spec.target == target):
+                return info.plugin
+    return _distribution_of(cls.__module__.split(".")[0])
+
+
+@functools.cache
+def _distribution_of(top_module: str) -> PluginInfo:
+    dists = importlib.metadata.packages_distributions().get(top_module, [])
+    if dists:
+        return PluginInfo(top_module, dists[0], _version(dists[0]))
+    return PluginInfo(top_module, top_module, "0")
 
 
 def get_method(name: str) -> EditMethod:

@@ -227,7 +227,7 @@ class MethodConformance:
         enc = tok(tiny_requests()[0].prompt, return_tensors="pt")
         with torch.no_grad():
             logits_before = model(**enc).logits
-        with patch.applied(model):
+        with patch.applied(model, tokenizer=tok):
             with torch.no_grad():
                 logits_during = model(**enc).logits
             assert not torch.equal(logits_before, logits_during), "the patch changes nothing"

@@ -13,7 +13,7 @@ losses of one batch; the base class owns everything else:
   counters as JSON -- no pickle). ``run()`` on a directory with a state resumes from it, and gives
   the same final checkpoint as an uninterrupted run with the same seed.
 
-Methods expose training through ``EditMethod.trainer(...)`` (see :class:`Trainable`), which is what
+Methods expose training through :meth:`kedit_core.method.EditMethod.trainer`, which is what
 ``kedit train --method M`` calls.
 """
 
@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -288,20 +288,6 @@ class BaseTrainer(ABC):
     def _result(self, st: dict[str, Any], seconds: float) -> TrainResult:
         return TrainResult(self.out_dir, st["step"], st["best_step"], float(st["best_val_loss"]), st["stopped_early"],
                            seconds, list(st["history"]))
-
-
-@runtime_checkable
-class Trainable(Protocol):
-    """What a method with trained components adds to its :class:`~kedit_core.method.EditMethod`::
-
-        def trainer(self, model, tokenizer, hparams, arch, ctx, *, train, val, out_dir) -> BaseTrainer
-
-    ``train``/``val`` are lists of :class:`~kedit_core.request.EditRequest`; the trainer writes its
-    checkpoint to ``out_dir``, which is what ``ctx.checkpoint`` / ``--checkpoint`` point to at edit time.
-    """
-
-    def trainer(self, model: Any, tokenizer: Any, hparams: Any, arch: Any, ctx: Any, *, train: list[Any],
-                val: list[Any] | None, out_dir: Path) -> BaseTrainer: ...
 
 
 def split_validation(records: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -88,7 +88,7 @@ def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str |
     # one-time steps (key statistics, templates, ...) run inside the edit: the edit itself is the rest
     edit_itself = result.edit_seconds[0] - sum(s.seconds for s in progress.recorded(inside) if s.one_time)
     patch = result.patches[0]
-    with progress.step("generating with the edited model"), patch.applied(editor.model):
+    with progress.step("generating with the edited model"), patch.applied(editor.model, tokenizer=editor.tokenizer):
         after = ev.generate(prompts, max_new_tokens)
     path = Path(out) if out else Path("out") / f"{patch.method}-{patch.patch_id}.kedit.safetensors"
     patch.save(path)

@@ -90,7 +90,7 @@ def apply(paths, model, device, dtype, device_map, save_to, prompt, max_new_toke
     check_against_known_weights(patches, model, dtype)
     m, tok, _ = _load(model, device, dtype, device_map)
     for p in patches:
-        p.apply(m)
+        p.apply(m, tokenizer=tok)
         click.echo(f"applied {p.patch_id} ({p.method})", err=True)
     _complete(m, tok, prompt, max_new_tokens)
     if save_to:

@@ -30,13 +30,8 @@ def train(method, model, device, dtype, data, val, out, hparams, max_steps, limi
 
     Use it at edit time with `kedit edit|eval --method METHOD --checkpoint OUT`.
     """
-    from pathlib import Path
-
-    from ..architecture import resolve_architecture
-    from ..method import EditContext
-    from ..models import cache_dir, load_model, model_fingerprint, model_key
     from ..plugins import get_registry
-    from ..trainer import Trainable, load_training_requests
+    from ..trainer import load_training_requests
 
     if max_steps is not None and max_steps < 1:
         raise click.UsageError("--max-steps must be at least 1")
@@ -44,16 +39,16 @@ def train(method, model, device, dtype, data, val, out, hparams, max_steps, limi
         raise KeditError(f"method {method!r} has nothing to train")
     train_reqs = load_training_requests(data, limit)
     val_reqs = load_training_requests(val) if val else None
+    from ..editor import Editor
+    from ..models import model_key
+
     m = get_registry().method(method)
-    if not isinstance(m, Trainable):
-        raise KeditError(f"method {m.name!r} has nothing to train")
     hp = m.load_hparams(hparams, model_key(model))  # checked before the (slow) model load
     if max_steps is not None:
         hp = hp.updated(max_steps=max_steps)
-    net, tok, info = load_model(model, device=device, dtype=dtype)
-    ctx = EditContext(model_id=info.id, model_fingerprint=info.fingerprint or model_fingerprint(net),
-                      cache_dir=cache_dir(), progress=True)
-    trainer = m.trainer(net, tok, hp, resolve_architecture(net), ctx, train=train_reqs, val=val_reqs, out_dir=Path(out))
+    editor = Editor(m, model, hparams=hp, device=device, dtype=dtype, progress=True)
+    trainer = editor.trainer(train_reqs, val_reqs, out)
+    info = editor.model_info
     result = trainer.run()
     report = {"method": m.name, "model": info.id, **result.as_dict()}
     if as_json:

@@ -13,14 +13,12 @@ import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec, get_parameter
+from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.tokens import encode_pairs, encode_prompts
-from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-
-from . import __version__
 
 
 class FTHyperparams(Hyperparams):
@@ -47,34 +45,23 @@ class _FineTune(EditMethod):
     preset_package = "kedit_ft"
     objective: ClassVar[str]
 
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: FTHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: FTHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         names = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
         params = [get_parameter(model, n) for n in names]
         originals = [p.detach().clone() for p in params]
         grad_flags = [p.requires_grad for p in params]
-        patch = None
         try:
             for p in params:
                 p.requires_grad_(True)
             self._train(model, tokenizer, requests, hparams, params, originals)
-            deltas = {f"delta/{n}": (p.detach() - o).float() for n, p, o in zip(names, params, originals)}
-            with torch.no_grad():
-                for p, o in zip(params, originals):
-                    p.copy_(o)
-            patch = Patch.create(
-                method=self.name, kind=self.kind, model=model, tensors=deltas,
-                base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-                hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
-                plugin="kedit-ft", plugin_version=__version__,
-            )
+            return Edit(dense={n: (p.detach() - o).float() for n, p, o in zip(names, params, originals, strict=True)})
         finally:
             with torch.no_grad():
-                for p, o, flag in zip(params, originals, grad_flags):
+                for p, o, flag in zip(params, originals, grad_flags, strict=True):
                     p.copy_(o)
                     p.requires_grad_(flag)
                     p.grad = None
-        return patch
 
     def _train(self, model, tokenizer, requests, hparams, params, originals) -> None:
         device = model_device(model)

@@ -11,14 +11,12 @@ import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec, get_parameter
+from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.tokens import encode_pairs
-from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-
-from . import __version__
 
 
 class GradStepHyperparams(Hyperparams):
@@ -35,8 +33,9 @@ class GradStep(EditMethod):
     edit_area = "FFN"
     kind = PatchKind.WEIGHT_DELTA
 
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: GradStepHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: GradStepHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+        """The weight change for ``requests``; kedit makes it a patch (provenance, fingerprints) and applies it."""
         name = arch.mlp_out_param(arch.check_layer(model, hparams.layer, "layer"))  # -1: the last layer
         param = get_parameter(model, name)
         original = param.detach().clone()
@@ -56,7 +55,4 @@ class GradStep(EditMethod):
             with torch.no_grad():
                 param.copy_(original)
             param.requires_grad_(False)
-        return Patch.create(method=self.name, kind=self.kind, model=model, tensors={f"delta/{name}": delta},
-                            base_model={"id": ctx.model_id}, hparams=hparams.to_dict(),
-                            requests=[r.model_dump(mode="json") for r in requests],
-                            plugin="kedit-example", plugin_version=__version__)
+        return Edit(dense={name: delta})
