@@ -147,8 +147,8 @@ def test_grace_expand_refits_the_entry_on_all_its_prompts(registry):
         assert len(get_module(model, wrapped_paths(b)[0])) == 1
 
 
-class _Stop(Exception):
-    pass
+class _Interrupted(Exception):
+    """Ends an editing run between chunks, as a crash or Ctrl-C would (not a forward-pass stop)."""
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -165,9 +165,9 @@ def test_interrupted_sequential_run_resumes_from_its_newest_patch(registry, name
 
     def stop(done, result):
         if done == 2:
-            raise _Stop
+            raise _Interrupted
 
-    with pytest.raises(_Stop):
+    with pytest.raises(_Interrupted):
         run(run_dir=tmp_path, on_chunk=stop)
     assert [p.name for p in (tmp_path / "patches").iterdir()] == ["000002.kedit.safetensors"]
     resumed, resumed_logits = run(run_dir=tmp_path)
@@ -187,11 +187,11 @@ def test_superseding_patch_that_fails_to_apply_puts_the_previous_back(registry, 
     attach = type(editor.method).attach
     calls = []
 
-    def fail_once(self, model, patch, arch):
+    def fail_once(self, target, patch):
         calls.append(patch.patch_id)
         if len(calls) == 1:
             raise PatchError("refused")
-        return attach(self, model, patch, arch)
+        return attach(self, target, patch)
 
     monkeypatch.setattr(type(editor.method), "attach", fail_once)
     with pytest.raises(PatchError, match="refused"):

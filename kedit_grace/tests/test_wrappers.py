@@ -9,7 +9,7 @@ from kedit_core.testing import tiny_model
 from kedit_grace.grace.adaptor import GraceAdaptor
 from kedit_grace.melo.lora import MeloLoRA
 from kedit_grace.melo.router import MeloRouter
-from kedit_grace.prefix import inputs_at
+from kedit_grace.keys import last_token_input
 from kedit_grace.wrapping import install
 
 PROMPT, TARGET = "The Eiffel Tower is located in the city of", "Rome"
@@ -30,8 +30,8 @@ def test_grace_codebook_answers_from_the_hit_on_and_defers_elsewhere():
     arch = resolve_architecture(model)
     path = arch.layer_path(2, arch.mlp_out)
     layer = get_module(model, path)
-    ids, mask, lens = encode_prompts(tok, [PROMPT])
-    key = inputs_at(model, layer, ids, mask, [lens[0] - 1])
+    ids, _, lens = encode_prompts(tok, [PROMPT])
+    key = last_token_input(model, tok, layer, PROMPT)[None]
     value = torch.full((1, layer.weight.shape[0]), 3.0)
     adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean")
     uninstall = install(model, {path: adaptor})
@@ -61,8 +61,8 @@ def test_melo_lora_block_applies_only_where_routed_on_conv1d():
     layer = get_module(model, path)
     out_dim, in_dim = arch.weight(model, f"{path}.weight").shape
     attn = get_module(model, arch.layer_path(2, arch.attn))
-    ids, mask, lens = encode_prompts(tok, [PROMPT])
-    key = inputs_at(model, attn, ids, mask, [lens[0] - 1])
+    ids, _, lens = encode_prompts(tok, [PROMPT])
+    key = last_token_input(model, tok, attn, PROMPT)[None]
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(2, 3, in_dim, generator=gen)
     b = torch.randn(2, out_dim, 3, generator=gen)
@@ -116,7 +116,7 @@ def test_grace_hit_keeps_answering_during_cached_generation():
     path = arch.layer_path(2, arch.mlp_out)
     layer = get_module(model, path)
     ids, mask, lens = encode_prompts(tok, [PROMPT])
-    key = inputs_at(model, layer, ids, mask, [lens[0] - 1])
+    key = last_token_input(model, tok, layer, PROMPT)[None]
     value = torch.full((1, layer.weight.shape[0]), 3.0)
     adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean")
     adaptor.decoding = DecodingState().attach(model)

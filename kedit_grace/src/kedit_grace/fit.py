@@ -4,7 +4,7 @@
 
 optimized with Adam until every target token is the argmax and the mean loss is below
 ``stop_loss`` (or ``max_steps``). Logits are computed only at target positions, and the layers
-below ``first_layer`` run once (:func:`kedit_grace.prefix.replay_prefix`).
+below ``first_layer`` run once (:func:`kedit_core.ops.prefix.cached_prefix`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import logits_at, model_device
+from kedit_core.ops.prefix import cached_prefix
 from kedit_core.ops.tokens import encode_pairs
 from torch import nn
-
-from .prefix import replay_prefix
 
 
 @dataclass
@@ -48,7 +47,7 @@ def fit_targets(
     flat = enc.flat_targets().to(device)
     opt = torch.optim.Adam(params, lr=lr)
     loss_value, acc, step = float("inf"), 0.0, 0
-    with replay_prefix(model, arch, first_layer, enc.input_ids, enc.attention_mask), torch.enable_grad():
+    with cached_prefix(model, arch, first_layer, enc.input_ids, enc.attention_mask), torch.enable_grad():
         for step in range(max_steps + 1):
             logits = logits_at(model, enc.input_ids, enc.attention_mask, rows, cols).float()
             loss = torch.nn.functional.cross_entropy(logits, flat)

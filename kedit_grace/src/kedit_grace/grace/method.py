@@ -14,17 +14,16 @@ import torch
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
 from kedit_core.errors import KeditError, PatchError
 from kedit_core.hparams import Hyperparams
-from kedit_core.method import Detach, EditContext, EditMethod, PatchKind
+from kedit_core.edit import Edit
+from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
-from kedit_core.ops.tokens import encode_prompts
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 from pydantic import Field
 
-from .. import __version__
 from ..codebook import DecodingState, TailCache
 from ..fit import fit_targets
-from ..prefix import inputs_at
+from ..keys import last_token_input
 from ..wrapping import install, replace_module, unwrap_base
 from .adaptor import GraceAdaptor
 from .codebook_update import update_codebook
@@ -63,8 +62,8 @@ class GRACE(EditMethod):
         self._tails = TailCache(size=8)
 
     # -- editing ---------------------------------------------------------------------------------
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: GraceHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: GraceHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         if len(requests) != 1:
             raise KeditError("grace edits one request at a time (no batch editing)")
         request = requests[0]
@@ -76,8 +75,7 @@ class GRACE(EditMethod):
         keys, values, radii, labels = self._current_codebook(model, arch, param, existing)
         prompts = [list(p) for p in existing.prompts] if existing is not None else []
         device = model_device(model)
-        ids, mask, lens = encode_prompts(tokenizer, [request.prompt], device)
-        key = inputs_at(model, current, ids, mask, [lens[0] - 1])[0].float()
+        key = last_token_input(model, tokenizer, current, request.prompt)
         upd = update_codebook(keys, radii, labels, key, request.target_new, hparams.eps_init, hparams.metric)
         new_keys = self._tails.grow(keys).append(key[None]) if upd.new_key is not None else keys
         if upd.row == len(prompts):
@@ -99,12 +97,9 @@ class GRACE(EditMethod):
             new_values = values.clone()
             new_values[upd.row] = value
         log.debug("grace %s at %s: entry %d, loss %.4f after %d steps", upd.action, path, upd.row, fit.loss, fit.steps)
-        return Patch.create(
-            method=self.name, kind=self.kind, model=model,
-            tensors={f"state/{path}/keys": new_keys, f"state/{path}/values": new_values, f"state/{path}/radii": upd.radii},
-            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-            hparams=hparams.to_dict(), requests=[request.model_dump(mode="json")],
-            plugin="kedit-grace", plugin_version=__version__, modules=[path], fingerprint_params=[param],
+        return Edit(
+            state={path: {"keys": new_keys, "values": new_values, "radii": upd.radii}},
+            modules=[path], fingerprint_params=[param],
             extra={
                 "labels": upd.labels, "prompts": prompts, "metric": hparams.metric,
                 "supersedes": existing.state_id if existing is not None else "",
@@ -140,7 +135,8 @@ class GRACE(EditMethod):
         return value.detach(), fit
 
     # -- applying --------------------------------------------------------------------------------
-    def attach(self, model, patch: Patch, arch: ArchitectureSpec) -> Detach:
+    def attach(self, target: ModelContext, patch: Patch) -> Detach:
+        model, arch = target.model, target.arch
         meta = patch.metadata
         modules, extra = meta.get("modules") or [], meta.get("extra") or {}
         if len(modules) != 1:

@@ -14,17 +14,16 @@ import torch
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
 from kedit_core.errors import HparamsError, KeditError, PatchError
 from kedit_core.hparams import Hyperparams
-from kedit_core.method import Detach, EditContext, EditMethod, PatchKind
+from kedit_core.edit import Edit
+from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
-from kedit_core.ops.tokens import encode_prompts
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 from pydantic import Field, model_validator
 
-from .. import __version__
 from ..codebook import TailCache
 from ..fit import fit_targets
-from ..prefix import inputs_at
+from ..keys import last_token_input
 from ..wrapping import install, replace_module, unwrap_base
 from .allocate import allocate_block
 from .lora import MeloLoRA
@@ -76,8 +75,8 @@ class MELO(EditMethod):
         self._tails = TailCache(size=16)
 
     # -- editing ---------------------------------------------------------------------------------
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: MeloHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: MeloHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         if len(requests) != 1:
             raise KeditError("melo edits one request at a time (no batch editing)")
         request = requests[0]
@@ -91,8 +90,7 @@ class MELO(EditMethod):
         existing = self._existing(currents)
         keys, radii, blocks, members, tables = self._current_state(model, arch, paths, existing, hparams.rank)
         device = model_device(model)
-        ids, mask, lens = encode_prompts(tokenizer, [request.prompt], device)
-        key = inputs_at(model, get_module(model, router_path), ids, mask, [lens[0] - 1])[0].float()
+        key = last_token_input(model, tokenizer, get_module(model, router_path), request.prompt)
         alloc = allocate_block(keys, blocks, key, hparams.cluster_radius, hparams.max_cluster, hparams.metric)
         new_block = int(tables[paths[0]][0].shape[0])
         new_blocks = blocks.clone()
@@ -106,18 +104,13 @@ class MELO(EditMethod):
         router = MeloRouter(new_keys, new_radii.to(device), new_blocks.to(device), hparams.metric)
         fit = self._train_block(model, tokenizer, arch, router, router_path, currents, existing, tables,
                                 start, new_block, train, hparams, router_layer)
-        tensors = {f"state/{router_path}/keys": new_keys, f"state/{router_path}/radii": new_radii,
-                   f"state/{router_path}/blocks": new_blocks.float()}
+        state = {router_path: {"keys": new_keys, "radii": new_radii, "blocks": new_blocks.float()}}
         for path, (a, b) in zip(paths, start, strict=True):
-            tensors[f"state/{path}/lora_a"] = self._tails.grow(tables[path][0]).append(a.detach()[None])
-            tensors[f"state/{path}/lora_b"] = self._tails.grow(tables[path][1]).append(b.detach()[None])
+            state[path] = {"lora_a": self._tails.grow(tables[path][0]).append(a.detach()[None]),
+                           "lora_b": self._tails.grow(tables[path][1]).append(b.detach()[None])}
         log.debug("melo %s block %d (%d edits), loss %.4f after %d steps", alloc.action, new_block, len(train), fit.loss, fit.steps)
-        return Patch.create(
-            method=self.name, kind=self.kind, model=model, tensors=tensors,
-            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-            hparams=hparams.to_dict(), requests=[request.model_dump(mode="json")],
-            plugin="kedit-grace", plugin_version=__version__, modules=paths,
-            fingerprint_params=[f"{p}.weight" for p in paths],
+        return Edit(
+            state=state, modules=paths, fingerprint_params=[f"{p}.weight" for p in paths],
             extra={"router": router_path, "metric": hparams.metric, "scale": hparams.scale, "members": new_members,
                    "supersedes": existing.state_id if existing is not None else "", "action": alloc.action,
                    "block": new_block, "cluster_size": len(train), "keys": len(new_members),
@@ -191,7 +184,8 @@ class MELO(EditMethod):
                 existing.router.enabled = True
 
     # -- applying --------------------------------------------------------------------------------
-    def attach(self, model, patch: Patch, arch: ArchitectureSpec) -> Detach:
+    def attach(self, target: ModelContext, patch: Patch) -> Detach:
+        model, arch = target.model, target.arch
         meta, state = patch.metadata, patch.state()
         extra, paths = meta.get("extra") or {}, meta.get("modules") or []
         pid = patch.patch_id

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from kedit_core.ops.hooks import module_input
 from torch import nn
 
 from ..codebook import DecodingState, Metric, route
-from ..prefix import module_input
 
 
 class MeloRouter:
