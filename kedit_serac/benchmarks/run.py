@@ -34,7 +34,7 @@ def time_queries(model, tok, requests, patch=None) -> float:
     if patch is None:
         ev.evaluate(requests)
     else:
-        with patch.applied(model):
+        with patch.applied(model, tokenizer=tok):
             ev.evaluate(requests)
     return (time.perf_counter() - t0) / max(1, query_count(requests))
 

@@ -63,7 +63,7 @@ def test_every_input_reads_the_context_of_its_nearest_edit(pool_file, tmp_path):
     probe = reqs[0].locality[0].prompt
     with torch.no_grad():
         before = model(**tok(probe, return_tensors="pt")).logits
-        with patch.applied(model):
+        with patch.applied(model, tokenizer=tok):
             during = model(**tok(probe, return_tensors="pt")).logits
     assert not torch.allclose(before, during)  # no scope classifier: unrelated inputs read the context too
 

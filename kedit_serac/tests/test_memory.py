@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from kedit_core.architecture import resolve_architecture
+from kedit_core.errors import PatchError
 from kedit_core.method import EditContext
 from kedit_core.ops.logits import logits_at
 from kedit_core.ops.tokens import encode_pairs
-from kedit_core.patch import Patch
+from kedit_core.patch import STACK_ATTR, Patch, stack
+from kedit_core.plugins import get_method
 from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
-from kedit_serac.memory import ROUTER_ATTR, Memory, attach_memory, bind_tokenizer
+from kedit_serac.memory import ROUTER_ATTR, Memory, attach_memory
 from kedit_serac.serac import SERAC
 
 IN_SCOPE = "The Eiffel Tower is located in the city of"
@@ -21,9 +23,7 @@ OUT_OF_SCOPE = "Toyota is a company headquartered in"
 
 @pytest.fixture(scope="module", params=["llama", "gemma3", "gpt2"])
 def tiny(request):
-    model, tok = tiny_model(request.param)
-    bind_tokenizer(model, tok)
-    return model, tok
+    return tiny_model(request.param)
 
 
 def fixed_memory(context: str, scope: str) -> Memory:
@@ -45,7 +45,7 @@ def test_in_scope_rows_read_the_context_and_others_are_untouched(tiny):
     seq = ctx + row[1:] if has_bos else ctx + row  # the row's ids follow the context's ids
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([seq])).logits[0]
-    detach = attach_memory(model, fixed_memory(context, "Eiffel"))
+    detach = attach_memory(model, tok, fixed_memory(context, "Eiffel"))
     try:
         routed_in, routed_out = logits(model, tok, IN_SCOPE), logits(model, tok, OUT_OF_SCOPE)
     finally:
@@ -61,7 +61,7 @@ def test_teacher_forced_scoring_path_is_routed_in_a_padded_batch(tiny):
     enc = encode_pairs(tok, [OUT_OF_SCOPE, IN_SCOPE], ["Japan", "Rome"])
     rows, cols = enc.target_positions()
     base = logits_at(model, enc.input_ids, enc.attention_mask, rows, cols)
-    detach = attach_memory(model, fixed_memory("Rome is where the Eiffel Tower is.\n", "Eiffel"))
+    detach = attach_memory(model, tok, fixed_memory("Rome is where the Eiffel Tower is.\n", "Eiffel"))
     try:
         routed = logits_at(model, enc.input_ids, enc.attention_mask, rows, cols)
         with torch.no_grad():
@@ -83,7 +83,7 @@ def test_generate_is_routed_and_restored(tiny):
     ctx, row = tok(context)["input_ids"], enc["input_ids"][0].tolist()
     seq = torch.tensor([ctx + row[1:] if row[0] == tok.bos_token_id else ctx + row])
     expected = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), **kw)[0, seq.shape[1] :]
-    detach = attach_memory(model, fixed_memory(context, "Eiffel"))
+    detach = attach_memory(model, tok, fixed_memory(context, "Eiffel"))
     try:
         during = model.generate(**enc, **kw)[0, enc["input_ids"].shape[1] :]
     finally:
@@ -97,8 +97,8 @@ def test_detach_is_exact_and_lifo(tiny):
     keys_before = set(model.__dict__)
     hooks_before = dict(model.base_model._forward_hooks)
     fp = state_fingerprint(model)
-    d1 = attach_memory(model, fixed_memory("A.\n", "Eiffel"))
-    d2 = attach_memory(model, fixed_memory("B.\n", "Toyota"))
+    d1 = attach_memory(model, tok, fixed_memory("A.\n", "Eiffel"))
+    d2 = attach_memory(model, tok, fixed_memory("B.\n", "Toyota"))
     assert "generate" in model.__dict__ and ROUTER_ATTR in model.__dict__
     with pytest.raises(Exception, match="last-in-first-out"):
         d1()
@@ -118,8 +118,28 @@ def test_serac_scope_classifier_routes_edit_and_rephrase_not_locality(tiny, tmp_
     base_rephrase = logits(model, tok, req.rephrase_prompts[0])
     base_loc = logits(model, tok, req.locality[0].prompt)
     loaded = Patch.load(patch.save(tmp_path / "serac.kedit.safetensors"))
-    with loaded.applied(model):
+    with loaded.applied(model, tokenizer=tok):
         assert not torch.allclose(logits(model, tok, req.rephrase_prompts[0]), base_rephrase)
         assert torch.equal(logits(model, tok, req.locality[0].prompt), base_loc)
     assert loaded.metadata["extra"]["checkpoint"]["id"]
     assert loaded.kind.value == "memory"
+
+
+@pytest.mark.parametrize("method_name", ["serac", "ike"])
+def test_a_memory_patch_applied_without_the_tokenizer_is_one_line_and_changes_nothing(method_name, pool_file, tmp_path):
+    # before: a module-global tokenizer binding made at edit time, or a guess from the model's name_or_path
+    model, tok = tiny_model("llama")
+    method = get_method(method_name)
+    hp = method.load_hparams({"n_demonstrations": 0} if method_name == "serac" else {"k": 2, "pool": str(pool_file)})
+    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model),
+                                 EditContext(cache_dir=tmp_path))
+    keys, hooks, fp = set(model.__dict__), dict(model.base_model._forward_hooks), state_fingerprint(model)
+    with pytest.raises(PatchError) as err:
+        Patch.load(patch.save(tmp_path / "p.kedit.safetensors")).apply(model)
+    message = str(err.value)
+    assert "\n" not in message and "tokenizer" in message and "patch.apply(model, tokenizer=tok)" in message
+    assert ROUTER_ATTR not in model.__dict__ and "generate" not in model.__dict__
+    assert set(model.__dict__) - keys <= {STACK_ATTR} and not stack(model)
+    assert dict(model.base_model._forward_hooks) == hooks and state_fingerprint(model) == fp
+    with patch.applied(model, tokenizer=tok):  # with it, the same patch applies
+        assert ROUTER_ATTR in model.__dict__

@@ -34,7 +34,7 @@ def test_serac_batch_of_edits_on_gemma(zsre, tmp_path):
     req = zsre[0]
     prompts = [req.rephrase_prompts[0], req.locality[0].prompt]
     plain = ev.generate(prompts, max_new_tokens=6)
-    with patch.applied(model):
+    with patch.applied(model, tokenizer=tok):
         edited = ev.generate(prompts, max_new_tokens=6)
     assert edited[0].strip().startswith(req.target_new.split()[0])
     assert edited[1] == plain[1]

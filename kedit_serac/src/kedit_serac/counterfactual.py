@@ -6,8 +6,7 @@ Here h_ψ is the base model itself conditioned on the edit in context,
 
 where D are a few demonstrations taken from the training records at training time (a fact with a
 counterfactual answer, then a rephrased question answered from the fact), stored in the checkpoint's
-config. Measured on Gemma 3 270M (first 60 zsRE records): reliability 0.96 and generalization 0.96
-with two demonstrations, against 0.90 / 0.73 for the bare fact.
+config.
 """
 
 from __future__ import annotations

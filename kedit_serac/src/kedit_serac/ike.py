@@ -21,17 +21,17 @@ import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec
+from kedit_core.edit import Edit
 from kedit_core.errors import PatchError
 from kedit_core.hparams import Hyperparams
-from kedit_core.method import EditContext, EditMethod, PatchKind
+from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 from kedit_core.trainer import load_training_requests
 
-from . import __version__
 from .demonstrations import LABEL, DemonstrationPool, kind_counts, new_fact
 from .encoder import ENCODER_ID, shared_encoder
-from .memory import Memory, attach_memory, bind_tokenizer
+from .memory import Memory, attach_memory, require_tokenizer
 from .serac import identity_params
 
 
@@ -65,20 +65,16 @@ class IKE(EditMethod):
     kind = PatchKind.MEMORY
     preset_package = "kedit_serac"
 
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: IKEHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: IKEHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         encoder = shared_encoder()
         pool_file = hparams.pool or (str(ctx.checkpoint) if ctx.checkpoint is not None else packaged_pool())
         pool = self._pool(pool_file, hparams.pool_limit, hparams.label, ctx)
         counts = kind_counts(hparams.k, hparams.ratio)
         contexts = [pool.context(encoder, r, counts, hparams.copy_new_fact) for r in requests]
         keys = encoder.embed([new_fact(r.prompt, r.target_new) for r in requests])
-        bind_tokenizer(model, tokenizer)
-        return Patch.create(
-            method=self.name, kind=self.kind, model=model, tensors={"state/memory/keys": keys},
-            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-            hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
-            plugin="kedit-serac", plugin_version=__version__, fingerprint_params=identity_params(model),
+        return Edit(
+            state={"memory": {"keys": keys}}, fingerprint_params=identity_params(model),
             extra={"encoder": ENCODER_ID, "contexts": contexts, "pool": {"source": pool_file or "", "records": len(pool)}},
         )
 
@@ -91,12 +87,13 @@ class IKE(EditMethod):
             pools[key] = DemonstrationPool.build(records, shared_encoder(), ctx.cache_dir / "ike", label)
         return pools[key]
 
-    def attach(self, model, patch: Patch, arch: ArchitectureSpec):
+    def attach(self, target: ModelContext, patch: Patch) -> Detach:
+        tokenizer = require_tokenizer(target.tokenizer, f"IKE patch {patch.patch_id}")
         keys = patch.state().get("memory/keys")
         contexts = list(patch.metadata.get("extra", {}).get("contexts", []))
         if keys is None or keys.shape[0] != len(contexts) or not contexts:
             raise PatchError(f"IKE patch {patch.patch_id} needs one memory key per context")
-        return attach_memory(model, Memory(contexts, nearest_router(keys)))
+        return attach_memory(target.model, tokenizer, Memory(contexts, nearest_router(keys)))
 
 
 def packaged_pool() -> str:
@@ -114,6 +111,6 @@ def nearest_router(keys: torch.Tensor):
             return [(0, 1.0)] * len(texts)
         sims = encoder.embed(texts) @ keys.T
         best, idx = sims.max(dim=1)
-        return [(int(i), float(s)) for s, i in zip(best.tolist(), idx.tolist())]
+        return [(int(i), float(s)) for s, i in zip(best.tolist(), idx.tolist(), strict=True)]
 
     return route

@@ -11,6 +11,9 @@ It is installed as a forward hook on ``model.base_model`` (so ``model(...)`` and
 ``base_model + lm_head`` path of :mod:`kedit_core.ops.logits` both see it) and as an instance-level
 ``generate`` that turns the KV cache off (each step then re-reads the whole row). Removing the
 last memory removes the hook and the ``generate`` attribute: the model is as it was.
+
+The tokenizer that reads the rows and encodes the contexts is the one the patch is applied with
+(``patch.apply(model, tokenizer=tok)``); memories stacked on one model share the first one's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,30 +34,13 @@ log = logging.getLogger(__name__)
 ROUTER_ATTR = "_kedit_memory_router"
 #: contexts whose keys/values a memory keeps (computed once per edit, reused by every routed row)
 KV_CACHE_EDITS = 256
-_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def bind_tokenizer(model: nn.Module, tokenizer: Any) -> None:
-    """Remember the tokenizer of ``model`` (memories need it to read rows and encode contexts)."""
-    _TOKENIZERS[model] = tokenizer
-
-
-def tokenizer_for(model: nn.Module) -> Any:
-    tok = _TOKENIZERS.get(model)
-    if tok is not None:
-        return tok
-    source = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception:  # noqa: BLE001 -- any failure means: no tokenizer found
-        raise PatchError(
-            "memory patches need the model's tokenizer: call kedit_serac.memory.bind_tokenizer(model, tokenizer) "
-            "before applying the patch"
-        ) from None
-    _TOKENIZERS[model] = tok
-    return tok
+def require_tokenizer(tokenizer: Any, what: str) -> Any:
+    """``tokenizer``, or a one-line :class:`PatchError` saying that ``what`` (a patch) needs it."""
+    if tokenizer is None:
+        raise PatchError(f"{what} needs the model's tokenizer: patch.apply(model, tokenizer=tok)")
+    return tokenizer
 
 
 @dataclass
@@ -157,7 +142,7 @@ class MemoryRouter:
             memory.kv[e] = (_output_cache(res), res.last_hidden_state[0, -1])
         cache, last = memory.kv[e]
         skips = [int(self._strip_bos(ctx, rows[i])) for i in idx]
-        bodies = [rows[i][s:] for i, s in zip(idx, skips)]
+        bodies = [rows[i][s:] for i, s in zip(idx, skips, strict=True)]
         width = max(len(b) for b in bodies)
         if width:
             ids, m = _right_pad(bodies, self._pad_id())
@@ -167,7 +152,7 @@ class MemoryRouter:
             res = module(input_ids=ids.to(out.device), attention_mask=attn.to(out.device), use_cache=True,
                          cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device), **{_cache_kw(module): kv})
             hid = res.last_hidden_state
-        for j, (i, skip) in enumerate(zip(idx, skips)):
+        for j, (i, skip) in enumerate(zip(idx, skips, strict=True)):
             dst = mask[i].bool().nonzero()[:, 0].to(out.device)
             if skip:
                 out[i, dst[0]] = last.to(out.dtype)
@@ -237,11 +222,12 @@ def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, m
 
 
-def attach_memory(model: nn.Module, memory: Memory) -> Callable[[], None]:
-    """Install ``memory`` on ``model``; returns the callable that removes it exactly."""
+def attach_memory(model: nn.Module, tokenizer: Any, memory: Memory) -> Callable[[], None]:
+    """Install ``memory`` on ``model`` (rows and contexts read with ``tokenizer``, the model's); returns the
+    callable that removes it exactly."""
     router = model.__dict__.get(ROUTER_ATTR)
     if router is None:
-        router = MemoryRouter(model, tokenizer_for(model))
+        router = MemoryRouter(model, tokenizer)
         model.__dict__[ROUTER_ATTR] = router
     router.push(memory)
 

@@ -21,16 +21,16 @@ import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec
+from kedit_core.edit import Edit
 from kedit_core.errors import CheckpointError, KeditError, PatchError
-from kedit_core.method import EditContext, EditMethod, PatchKind
+from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 from kedit_core.trainer import Checkpoint, CheckpointCache, TrainingHyperparams
 
-from . import __version__
 from .counterfactual import context
 from .encoder import ENCODER_ID, shared_encoder
-from .memory import Memory, attach_memory, bind_tokenizer
+from .memory import Memory, attach_memory, require_tokenizer
 from .scope_classifier import STATE_KEYS, ScopeClassifier
 from .train_scope import ScopeTrainer, edit_text
 
@@ -57,8 +57,7 @@ def input_embedding_name(model: torch.nn.Module) -> str:
 
 def identity_params(model: torch.nn.Module) -> list[str]:
     """The parameters a memory patch fingerprints to recognise its base model: every 1-D one (norm
-    scales, biases: ~50k values on Gemma 3 270M), else the input embedding. Hashing the 168M-value
-    embedding instead costs ~1.3 s per patch created or applied."""
+    scales, biases: few values, quick to hash), else the input embedding."""
     names = sorted(name for name, p in model.named_parameters() if p.ndim == 1)
     return names or [input_embedding_name(model)]
 
@@ -108,26 +107,23 @@ class SERAC(EditMethod):
     def _checkpoints(self) -> CheckpointCache:
         return CheckpointCache()
 
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: SERACHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: SERACHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         ckpt = self._checkpoints.read(checkpoint_dir(ctx))
         encoder = shared_encoder()
         demos = check_scope_checkpoint(ckpt, encoder.dim)[: hparams.n_demonstrations]
         keys = encoder.embed([edit_text(r) for r in requests])
-        bind_tokenizer(model, tokenizer)
-        state = {f"state/scope_classifier/{k}": ckpt.tensors[k].float().clone() for k in STATE_KEYS}
-        state["state/memory/keys"] = keys
-        return Patch.create(
-            method=self.name, kind=self.kind, model=model, tensors=state,
-            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-            hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
-            plugin="kedit-serac", plugin_version=__version__, fingerprint_params=identity_params(model),
+        return Edit(
+            state={"scope_classifier": {k: ckpt.tensors[k].float().clone() for k in STATE_KEYS},
+                   "memory": {"keys": keys}},
+            fingerprint_params=identity_params(model),
             extra={"encoder": ENCODER_ID, "threshold": hparams.threshold,
                    "contexts": [context(demos, r.prompt, r.target_new) for r in requests],
                    "checkpoint": {"source": str(ckpt.directory), "id": ckpt.id}},
         )
 
-    def attach(self, model, patch: Patch, arch: ArchitectureSpec):
+    def attach(self, target: ModelContext, patch: Patch) -> Detach:
+        tokenizer = require_tokenizer(target.tokenizer, f"SERAC patch {patch.patch_id}")
         state, extra = patch.state(), patch.metadata.get("extra", {})
         missing = [k for k in (*(f"scope_classifier/{k}" for k in STATE_KEYS), "memory/keys") if k not in state]
         if missing:
@@ -137,7 +133,8 @@ class SERAC(EditMethod):
         if len(contexts) != keys.shape[0]:
             raise PatchError(f"SERAC patch {patch.patch_id}: {keys.shape[0]} keys but {len(contexts)} contexts")
         classifier = ScopeClassifier.from_tensors({k: state[f"scope_classifier/{k}"] for k in STATE_KEYS})
-        return attach_memory(model, Memory(contexts, scope_router(classifier, keys, float(extra["threshold"]))))
+        route = scope_router(classifier, keys, float(extra["threshold"]))
+        return attach_memory(target.model, tokenizer, Memory(contexts, route))
 
     def trainer(self, model, tokenizer, hparams: SERACHyperparams, arch: ArchitectureSpec, ctx: EditContext, *,
                 train: list[EditRequest], val: list[EditRequest] | None, out_dir: Path) -> ScopeTrainer:
@@ -153,7 +150,7 @@ def scope_router(classifier: ScopeClassifier, keys: torch.Tensor, threshold: flo
     def route(texts: list[str]) -> list[tuple[int, float] | None]:
         probs = torch.sigmoid(classifier.logits(keys, encoder.embed(texts)))
         best, idx = probs.max(dim=1)
-        return [(int(i), float(p)) if p > threshold else None for p, i in zip(best.tolist(), idx.tolist())]
+        return [(int(i), float(p)) if p > threshold else None for p, i in zip(best.tolist(), idx.tolist(), strict=True)]
 
     return route
 
