@@ -9,12 +9,12 @@ import pytest
 import torch
 from kedit_core.architecture import resolve_architecture
 from kedit_core.method import EditContext
-from kedit_core.ops.keys import compute_keys
-from kedit_core.ops.least_squares import batched_least_squares, rank_one_update
 from kedit_core.ops.logits import final_hidden
 from kedit_core.ops.prefix import cached_prefix
-from kedit_core.ops.second_moment import StatsSpec, compute_second_moments, second_moments
 from kedit_core.testing import MethodConformance, state_fingerprint, tiny_model, tiny_requests
+from kedit_rome.ops.keys import compute_keys
+from kedit_rome.ops.least_squares import Factorization, batched_least_squares, rank_one_update
+from kedit_rome.ops.second_moment import SecondMoments, StatsSpec, compute_second_moments
 
 TINY_VALUE = {"v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mom2_n_tokens": 400,
               "context_template_length_params": [[4, 2]]}
@@ -75,7 +75,7 @@ def test_second_moment_matches_direct_computation(tmp_path):
     c, count = stats[1]
     assert c.shape == (64, 64) and torch.allclose(c, c.T, atol=1e-6)
     assert torch.linalg.eigvalsh(c.double()).min() > -1e-6
-    from kedit_core.ops.second_moment import _documents, read_corpus
+    from kedit_rome.ops.second_moment import _documents, read_corpus
 
     docs = _documents(tok, read_corpus(spec.corpus), 32, 10_000)
     assert count == sum(map(len, docs))
@@ -95,17 +95,53 @@ def test_second_moment_is_cached_on_disk_and_reused(tmp_path):
     model, tok = tiny_model("gemma3")
     arch = resolve_architecture(model)
     spec = StatsSpec("fp1", _corpus(tmp_path), sample_tokens=500)
-    first = second_moments(tmp_path / "cache").get(model, tok, arch, [1], spec, progress=False)[1]
+    first = SecondMoments().get(model, tok, arch, [1], spec, tmp_path / "cache", progress=False)[1]
     files = list((tmp_path / "cache" / "stats" / "fp1").iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"
-    from kedit_core.ops.second_moment import SecondMoments
-
-    fresh = SecondMoments(tmp_path / "cache")  # a new process: reads the file, computes nothing
+    fresh = SecondMoments()  # a new process: reads the file, computes nothing
     fresh_model, _ = tiny_model("gemma3", seed=1)  # different weights: a recomputation would differ
-    again = fresh.get(fresh_model, tok, arch, [1], spec, progress=False)[1]
+    again = fresh.get(fresh_model, tok, arch, [1], spec, tmp_path / "cache", progress=False)[1]
     assert torch.equal(first, again)
     other = StatsSpec("fp1", _corpus(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, ["Other text only."] * 20), 500)
     assert other.path(tmp_path, "m") != spec.path(tmp_path, "m")
+
+
+def test_statistics_are_cached_per_model_fingerprint_layer_and_damping(tmp_path):
+    """A method's :class:`Statistics` keeps C in memory and on disk under the model fingerprint, and
+    factorizes each (C, damping) once; a new instance reads the files back, computing nothing."""
+    from kedit_rome.common import Statistics
+    from kedit_rome.rome import ROMEHyperparams
+
+    model, tok = tiny_model("gpt2")
+    other, _ = tiny_model("gpt2", seed=1)
+    arch = resolve_architecture(model)
+    hp = ROMEHyperparams(layers=[1], mom2_corpus=str(_corpus(tmp_path)), mom2_n_tokens=300)
+    ctx_a = EditContext(model_fingerprint="fpA", cache_dir=tmp_path / "cache")
+    ctx_b = EditContext(model_fingerprint="fpB", cache_dir=tmp_path / "cache")
+    stats = Statistics()
+    first = stats.factorization(model, tok, arch, 1, hp, ctx_a, 0.0)
+    assert stats.factorization(model, tok, arch, 1, hp, ctx_a, 0.0) is first
+    assert stats.factorization(model, tok, arch, 1, hp, ctx_a, 0.1) is not first
+    c_a = stats.second_moment(model, tok, arch, [1], hp, ctx_a)[1]
+    c_b = stats.second_moment(other, tok, arch, [1], hp, ctx_b)[1]
+    assert not torch.equal(c_a, c_b)
+    assert sorted(p.name for p in (tmp_path / "cache" / "stats").iterdir()) == ["fpA", "fpB"]
+    assert torch.equal(Statistics().second_moment(other, tok, arch, [1], hp, ctx_a)[1], c_a)
+
+
+def test_patch_provenance_is_the_registry_s():
+    """Methods return an Edit; the core records which plugin made the patch, from the registry."""
+    import importlib.metadata
+
+    from kedit_core.plugins import Registry
+
+    method = Registry(autoload=True).load().method("rome")
+    model, tok = tiny_model("gpt2")
+    hp = method.load_hparams({"layers": [1], **TINY_VALUE})
+    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model),
+                                 EditContext(cache_dir=_tmp()))
+    assert patch.metadata["plugin"] == "kedit-rome"
+    assert patch.metadata["plugin_version"] == importlib.metadata.version("kedit-rome")
 
 
 def test_rank_one_update_writes_the_value_and_spares_orthogonal_keys():
@@ -114,7 +150,7 @@ def test_rank_one_update_writes_the_value_and_spares_orthogonal_keys():
     k_other = torch.randn(200, d_in)
     c = k_other.T @ k_other / 200
     key, resid = torch.randn(d_in), torch.randn(d_out)
-    a, b = rank_one_update(c, key, resid)
+    a, b = rank_one_update(Factorization(c), key, resid)
     delta = a @ b
     assert torch.allclose(delta @ key, resid, atol=1e-4)
     u = torch.linalg.solve(c, key)
@@ -200,7 +236,7 @@ def test_edit_raises_the_target_probability(name, family):
 
 
 def test_context_templates_are_sampled_once_and_cached(tmp_path):
-    from kedit_core.ops.context_templates import context_templates
+    from kedit_rome.ops.context_templates import context_templates
 
     model, tok = tiny_model("gpt2")
     t0 = time.perf_counter()

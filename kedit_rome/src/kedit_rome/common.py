@@ -1,4 +1,4 @@
-"""What ROME, MEMIT and PMET share: statistics and template settings, and building the patch."""
+"""What ROME, MEMIT and PMET share: statistics and template settings, their caches, and the update's form."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import torch
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.method import EditContext
 from kedit_core.models import model_fingerprint
-from kedit_core.ops.context_templates import context_templates
-from kedit_core.ops.second_moment import StatsSpec, second_moments
-from kedit_core.patch import Patch
-from kedit_core.request import EditRequest
 from pydantic import BaseModel, Field
 from torch import nn
 
-from . import __version__
+from .ops.context_templates import context_templates
+from .ops.least_squares import Factorization
+from .ops.second_moment import SecondMoments, StatsSpec
 
 DEFAULT_CORPUS = "stats_corpus.txt.gz"
 
@@ -46,32 +44,47 @@ def fingerprint(model: nn.Module, ctx: EditContext) -> str:
     return ctx.model_fingerprint
 
 
-def second_moment_for(model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: list[int],
+class Statistics:
+    """What a method derives from the unedited model and reuses across its edits, keyed by the model
+    fingerprint: context templates (on disk, ``<cache_dir>/templates/<fingerprint>/``), second moments
+    ``C`` per layer (on disk, ``<cache_dir>/stats/<fingerprint>/``, and in memory) and the factorization
+    of the last ``C`` solved with (in memory: a ``d_ff x d_ff`` float64 matrix), keyed by that ``C``'s
+    file -- fingerprint, layer, corpus content, sample size -- and the damping. A method instance owns
+    one, so its caches live as long as the method (an :class:`~kedit_core.editor.Editor` session)."""
+
+    def __init__(self) -> None:
+        self.second_moments = SecondMoments()
+        self._factor: tuple[tuple[Path, float], Factorization] | None = None
+
+    def spec(self, model: nn.Module, opts: StatsOptions, ctx: EditContext) -> StatsSpec:
+        return StatsSpec(fingerprint(model, ctx), corpus_path(opts), opts.mom2_n_tokens)
+
+    def second_moment(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: list[int],
                       opts: StatsOptions, ctx: EditContext) -> dict[int, torch.Tensor]:
-    spec = StatsSpec(fingerprint(model, ctx), corpus_path(opts), opts.mom2_n_tokens)
-    return second_moments(ctx.cache_dir).get(model, tokenizer, arch, layers, spec, progress=True)
+        """``{layer: C}`` on the model's device."""
+        spec = self.spec(model, opts, ctx)
+        return self.second_moments.get(model, tokenizer, arch, layers, spec, ctx.cache_dir, progress=True)
+
+    def factorization(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layer: int,
+                      opts: StatsOptions, ctx: EditContext, damping: float) -> Factorization:
+        """``C + damping * mean(diag C) * I`` of ``layer``, factorized (see :class:`Factorization`)."""
+        file = self.spec(model, opts, ctx).path(Path(ctx.cache_dir).resolve(), arch.layer_path(layer, arch.mlp_out))
+        if self._factor is None or self._factor[0] != (file, damping):
+            c = self.second_moment(model, tokenizer, arch, [layer], opts, ctx)[layer]
+            self._factor = ((file, damping), Factorization(c, damping))
+        return self._factor[1]
+
+    def templates(self, model: nn.Module, tokenizer: Any, opts: StatsOptions, ctx: EditContext) -> list[str]:
+        spec = [tuple(x) for x in opts.context_template_length_params]
+        return context_templates(model, tokenizer, fingerprint(model, ctx), ctx.cache_dir, spec, seed=ctx.seed)
 
 
-def templates_for(model: nn.Module, tokenizer: Any, opts: StatsOptions, ctx: EditContext) -> list[str]:
-    spec = [tuple(x) for x in opts.context_template_length_params]
-    return context_templates(model, tokenizer, fingerprint(model, ctx), ctx.cache_dir, spec, seed=ctx.seed)
-
-
-def make_patch(method: Any, model: nn.Module, tensors: dict[str, torch.Tensor], hparams: Any,
-               requests: list[EditRequest], ctx: EditContext, extra: dict | None = None) -> Patch:
-    return Patch.create(
-        method=method.name, kind=method.kind, model=model, tensors=tensors,
-        base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-        hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
-        plugin="kedit-rome", plugin_version=__version__, extra=extra or {},
-    )
-
-
-def lowrank_or_dense(arch: ArchitectureSpec, param: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Patch tensors for the ``[out, in]`` update ``a @ b``: low-rank factors when that is smaller."""
+def lowrank_or_dense(arch: ArchitectureSpec, param: str, a: torch.Tensor, b: torch.Tensor
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The ``[out, in]`` update ``a @ b`` of ``param`` as ``(dense, lowrank)`` entries of an
+    :class:`~kedit_core.edit.Edit`: low-rank factors when they are smaller, else the dense delta."""
     d_out, r = a.shape
     d_in = b.shape[1]
     if r * (d_out + d_in) < d_out * d_in:
-        pa, pb = arch.lowrank_to_param_layout(a.float(), b.float())
-        return {f"lowrank/{param}/a": pa, f"lowrank/{param}/b": pb}
-    return {f"delta/{param}": arch.to_param_layout((a.double() @ b.double()).float())}
+        return {}, {param: arch.lowrank_to_param_layout(a.float(), b.float())}
+    return {param: arch.to_param_layout((a.double() @ b.double()).float())}, {}

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from kedit_core.architecture import ArchitectureSpec
-from kedit_core.ops.keys import compute_keys_values, module_io_at, subject_positions
-from kedit_core.ops.least_squares import batched_least_squares
 from kedit_core.request import EditRequest
 from torch import nn
 
 from .common import lowrank_or_dense
+from .ops.keys import compute_keys_values, module_io_at, subject_positions
+from .ops.least_squares import batched_least_squares
 from .spread import residual_to_mlp_output, share
 
 log = logging.getLogger(__name__)
@@ -45,20 +45,21 @@ def distribute(
     target_site: str,
     weight: float,
     max_rotation: float = 0.5,
-) -> dict[str, torch.Tensor]:
-    """Patch tensors of the updates that move ``target_site``'s output toward ``z`` [n, d].
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The updates that move ``target_site``'s output toward ``z`` [n, d], as ``(dense, lowrank)``
+    entries of an :class:`~kedit_core.edit.Edit` (see :func:`kedit_rome.common.lowrank_or_dense`).
 
     With a post-MLP norm, every layer but the last adds at most ``max_rotation * ||N(m)||`` (its
     share is scaled down to that): a normalized MLP output can only turn, not grow, and asking a
-    lower layer for a residual larger than its own output flips it and wrecks the model (measured
-    on Gemma 3 270M: layers [5, 6] without the cap, target NLL 7.1 instead of 0.02). The last
+    lower layer for a residual larger than its own output flips it and wrecks the model. The last
     layer then takes what is missing exactly, as it re-measures.
     """
     prompts = [r.prompt for r in requests]
     subjects = [r.subject for r in requests]
     lookup = subject_positions(tokenizer, prompts, subjects)
     saved: dict[str, torch.Tensor] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for i, layer in enumerate(layers):
             current = module_io_at(model, tokenizer, prompts, lookup, target_site, "output")
@@ -76,11 +77,13 @@ def distribute(
             saved[param] = w.detach().clone()
             with torch.no_grad():
                 w.add_((a.double() @ b.double()).to(w.dtype))
-            tensors.update(lowrank_or_dense(arch, param, a, b))
+            d, lr = lowrank_or_dense(arch, param, a, b)
+            dense.update(d)
+            lowrank.update(lr)
             log.info("layer %d: missing %.3f, update norm %.3f (weight %.3f)", layer,
                      float((z - current).norm(dim=1).mean()), float((a.double() @ b.double()).norm()), float(saved[param].norm()))
     finally:
         with torch.no_grad():
             for param, original in saved.items():
                 arch.weight(model, param).copy_(original)
-    return tensors
+    return dense, lowrank

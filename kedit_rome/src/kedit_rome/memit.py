@@ -5,28 +5,24 @@
    MLP output ``m`` (:mod:`kedit_rome.value`), and ``z_i = h_L + N(m + delta_i) - N(m)``. Where the
    MLP output joins the residual unchanged (``N`` = identity: GPT-2, GPT-J, LLaMA) the two are the
    same thing; where it is normalized first (Gemma 2/3), a free residual-stream vector can ask for
-   changes no MLP can make -- measured here: ``||z - h_L|| ~ 180`` at layer 6 of Gemma 3 270M,
-   growing to ~420 while being spread, 0/10 edits -- while this ``z`` is reachable by construction;
+   changes no MLP can make, while this ``z`` is reachable by construction;
 2. for each critical layer ``l`` in order: keys ``K_l`` (template-averaged down-projection inputs),
    the missing residual ``(z - h_L)`` re-measured with the updates so far, its equal share for this
    layer (mapped through the MLP-output norm where the architecture has one, :mod:`kedit_rome.spread`),
    and the batched least-squares update ``Delta_l = R_l K_l^T (lambda C_l + K_l K_l^T)^-1`` (Eq. 14),
    applied before the next layer is visited.
 
-All updates are taken off the model again before returning (the Editor applies the patch).
-
-On Gemma 3 270M spreading over several layers still fails (each lower layer can only turn its
-normalized output; see :func:`kedit_rome.distribute.distribute` and the preset's comments), so its
-preset uses one critical layer -- the batched least squares of Eq. 14 at a single layer.
+All updates are taken off the model again before returning (the core applies the patch).
 """
 
 from __future__ import annotations
 
 from kedit_core.architecture import ArchitectureSpec
+from kedit_core.edit import Edit
 from kedit_core.method import EditContext, EditMethod, PatchKind
-from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 
+from .common import Statistics
 from .spread_edit import SpreadHyperparams, spread_edit
 
 
@@ -45,6 +41,9 @@ class MEMIT(EditMethod):
     kind = PatchKind.WEIGHT_DELTA
     preset_package = "kedit_rome"
 
-    def compute_patch(self, model, tokenizer, requests: list[EditRequest], hparams: MEMITHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
-        return spread_edit(self, model, tokenizer, requests, hparams, arch, ctx)
+    def __init__(self) -> None:
+        self.statistics = Statistics()
+
+    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: MEMITHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+        return spread_edit(self.statistics, model, tokenizer, requests, hparams, arch, ctx)

@@ -7,8 +7,8 @@ what is still missing -- to the residual stream, assuming the MLP output is adde
 
 Gemma 2/3 do not add it unchanged: the residual receives ``N(m) = g * m / rms(m)`` with
 ``N = post_feedforward_layernorm`` (``ArchitectureSpec.post_mlp_norm``). Feeding ``r_l`` to the
-least-squares update as if it were an MLP-output change is what broke EasyEdit's MEMIT on Gemma 3
-(update norms ~330 against weights ~19). Here ``r_l`` is mapped back through the norm: the MLP
+least-squares update as if it were an MLP-output change is what broke EasyEdit's MEMIT on Gemma 3.
+Here ``r_l`` is mapped back through the norm: the MLP
 output ``m'`` with ``N(m') = N(m) + r_l`` is, because an RMS norm is scale invariant,
 ``m' = s * y / g`` with ``y = N(m) + r_l`` and any ``s > 0``; we take the ``s`` that keeps the
 size of the MLP output (``rms(m') = rms(m)``, far from the norm's epsilon), and the least-squares

@@ -11,9 +11,9 @@ with ``v`` the site's original output. Where the time goes, and what is done abo
 
 - nothing before a row's subject token depends on ``delta``, nothing below the sites' layer at
   all: the prefix runs once into a KV cache and only the suffix runs each step
-  (:class:`kedit_core.ops.suffix.SuffixForward`, about a quarter of the tokens here);
+  (:class:`kedit_rome.ops.suffix.SuffixForward`);
 - the output layer (262k rows on Gemma) is applied only at the loss positions, and its value and
-  gradient come from one pass over its weight (:func:`kedit_core.ops.head_loss.head_loss`);
+  gradient come from one pass over its weight (:func:`kedit_rome.ops.head_loss.head_loss`);
 - a request whose rewriting NLL is below ``early_stop_nll`` stops moving and its rows leave the
   batch; requests are optimized together in groups, ``tokens_per_pass`` suffix tokens at a time,
   each pass forward and backward on its own (the loss is a sum over rows; no second forward),
@@ -29,14 +29,15 @@ from typing import Any
 
 import torch
 from kedit_core.architecture import ArchitectureSpec, get_module
-from kedit_core.ops.head_loss import head_loss, head_parts
-from kedit_core.ops.keys import fill_templates
 from kedit_core.ops.logits import model_device
-from kedit_core.ops.suffix import SuffixForward
 from kedit_core.ops.tokens import encode_pairs, subject_last_token
 from kedit_core.request import EditRequest
 from pydantic import BaseModel, Field
 from torch import nn
+
+from .ops.head_loss import head_loss, head_parts
+from .ops.keys import fill_templates
+from .ops.suffix import SuffixForward
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ValueOptions(BaseModel):
     #: a request stops once its mean rewriting NLL (nats per target token) is below this
     early_stop_nll: float = Field(default=0.05, ge=0)
     #: suffix tokens (padding included) run through the model per forward/backward pass: bounds
-    #: activation memory (~1 MB per token on Gemma 3 270M); each pass goes forward, through the
+    #: activation memory; each pass goes forward, through the
     #: output layer and backward before the next. A prompt longer than this gets a pass alone.
     tokens_per_pass: int = Field(default=256, ge=1)
 
@@ -177,9 +178,7 @@ def _first_chunks(model: nn.Module, arch: ArchitectureSpec, batch: Batch, loss: 
                   tokens_per_pass: int) -> list[_Chunk]:
     """All rows in passes of at most ``tokens_per_pass`` padded suffix tokens, each with its own
     suffix runner. Rows are ordered by suffix length (then prefix length): the suffix is what every
-    step recomputes, so its padding is the waste that counts (100 CounterFact requests on Gemma:
-    1984 suffix tokens per step in passes of 32 rows, 2928 with the rows ordered by prefix length);
-    the prefix runs once."""
+    step recomputes, so its padding is the waste that counts; the prefix runs once."""
     enc = batch.enc
     suffix = enc.attention_mask.long().sum(1) - batch.lookup
     order = torch.argsort(suffix * (int(batch.lookup.max()) + 1) + batch.lookup, stable=True)

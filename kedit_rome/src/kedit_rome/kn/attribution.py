@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from kedit_core.architecture import ArchitectureSpec
-from kedit_core.ops.head_loss import head_loss
 from kedit_core.ops.logits import final_hidden, model_device
-from kedit_core.ops.suffix import cache_kwarg, returned_cache
 from torch import nn
+
+from ..ops.head_loss import head_loss
+from ..ops.suffix import cache_kwarg, returned_cache
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ def _mean_gradients(model, arch, ids, answer_id, layers, base, alphas) -> torch.
             else:
                 hidden = model.base_model(input_ids=x, attention_mask=mask, **cache_kwarg(model, cache), use_cache=True).last_hidden_state[:, -1]
             nll = head_loss(model, hidden, torch.full((rows,), answer_id, device=hidden.device))
-            prob = torch.exp(-nll)  # P(answer), through the output layer in one pass (ops.head_loss)
+            prob = torch.exp(-nll)  # P(answer), through the output layer in one pass (kedit_rome.ops.head_loss)
             (grad,) = torch.autograd.grad(prob.sum(), scaled)
     finally:
         for h in handles:

@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 from kedit_core.architecture import ArchitectureSpec, get_parameter
+from kedit_core.edit import Edit
 from kedit_core.errors import KeditError
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target
-from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 from torch import nn
 
-from .. import __version__
 from .attribution import integrated_gradients, neuron_activations
 from .hparams import KNHyperparams
 from .neurons import shared_neurons
@@ -39,8 +38,8 @@ class KN(EditMethod):
     kind = PatchKind.WEIGHT_DELTA
     preset_package = "kedit_rome"
 
-    def compute_patch(self, model: nn.Module, tokenizer: Any, requests: list[EditRequest], hparams: KNHyperparams,
-                      arch: ArchitectureSpec, ctx: EditContext) -> Patch:
+    def compute_edit(self, model: nn.Module, tokenizer: Any, requests: list[EditRequest], hparams: KNHyperparams,
+                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
         if len(requests) != 1:
             raise KeditError("method 'kn' edits one request at a time (no batch editing)")
         request = requests[0]
@@ -51,7 +50,7 @@ class KN(EditMethod):
         neurons, info = locate_knowledge_neurons(model, tokenizer, request, hparams, arch, layers)
         _, new_ids = split_prompt_target(tokenizer, request.prompt, request.target_new)
         u = value_slot_update(model, info["old_token"], new_ids[0], hparams.erase_scale, hparams.insert_scale)
-        tensors: dict[str, torch.Tensor] = {}
+        lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for slot, layer in enumerate(layers):
             idx = [i for s, i in neurons if s == slot]
             if not idx:
@@ -61,18 +60,12 @@ class KN(EditMethod):
             signs = [1.0 if info["activations"][slot][i] >= 0 else -1.0 for i in idx] if hparams.sign_by_activation else None
             a, b = arch.lowrank_to_param_layout(*rank_one_factors(u.to(weight.device), idx, weight.shape[1], signs))
             dtype = get_parameter(model, param).dtype
-            tensors[f"lowrank/{param}/a"] = a.to(dtype).clone()
-            tensors[f"lowrank/{param}/b"] = b.to(dtype).clone()
+            lowrank[param] = (a.to(dtype).clone(), b.to(dtype).clone())
         info.update(new_token=new_ids[0], neurons=[[layers[s], i] for s, i in neurons],
                     neuron_activations=[info["activations"][s][i] for s, i in neurons])
         del info["activations"]
         log.info("kn: %d knowledge neurons for %r: %s", len(neurons), request.prompt, info["neurons"][:10])
-        return Patch.create(
-            method=self.name, kind=self.kind, model=model, tensors=tensors,
-            base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-            hparams=hparams.to_dict(), requests=[request.model_dump(mode="json")],
-            plugin="kedit-rome", plugin_version=__version__, extra={"kn": info},
-        )
+        return Edit(lowrank=lowrank, extra={"kn": info})
 
 
 def attribution_prompts(request: EditRequest, hparams: KNHyperparams) -> list[str]:

@@ -19,16 +19,15 @@ quarter of the sequence: the layers above ``l`` do a quarter of the work, forwar
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 from typing import Any
 
 import torch
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.ops.hooks import StopForward, stopped
+from kedit_core.ops.prefix import replay_layers
 from torch import nn
-
-from ..architecture import ArchitectureSpec
-from .prefix import replay_layers
 
 
 def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
@@ -48,10 +47,6 @@ def _select(value: Any, rows: torch.Tensor) -> Any:
     if isinstance(value, tuple):
         return tuple(_select(v, rows) for v in value)
     return value
-
-
-class _Stop(Exception):
-    pass
 
 
 class SuffixForward:
@@ -132,13 +127,13 @@ class SuffixForward:
                 recorded[i] = output.detach() if isinstance(output, torch.Tensor) else tuple(
                     o.detach() if isinstance(o, torch.Tensor) else o for o in output)
                 if i == self.frozen_layers - 1:
-                    raise _Stop
+                    raise StopForward
 
             return hook
 
         handles = [layers[i].register_forward_hook(recorder(i)) for i in range(self.frozen_layers)]
         try:
-            with contextlib.suppress(_Stop):
+            with stopped():
                 self.model.base_model(**self._forward_kwargs(self._fresh_cache()))
         finally:
             for h in handles:

@@ -6,28 +6,28 @@ This module computes ``C`` for one or several layers in one pass over a corpus (
 forward after the highest layer needed), with a progress bar, and caches the result on disk as
 safetensors keyed by model fingerprint, layer, corpus content and sample size -- written
 atomically, so concurrent processes reuse one file and never read a half-written one.
+:class:`SecondMoments` is that cache as an object (its owner decides how long it lives).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.fsutil import atomic_path
+from kedit_core.ops.hooks import stop_after
+from kedit_core.ops.logits import model_device
+from kedit_core.progress import step
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-
-from ..architecture import ArchitectureSpec
-from ..fsutil import atomic_path
-from ..progress import step
-from .logits import model_device
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,17 @@ def _documents(tokenizer: Any, lines: list[str], max_length: int, budget: int) -
     return docs
 
 
-class _Stop(Exception):
-    pass
+def _batches(docs: list[list[int]], batch_size: int, pad: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded ``(input_ids, mask)`` batches of ``batch_size`` documents."""
+    for lo in range(0, len(docs), batch_size):
+        chunk = docs[lo : lo + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for i, d in enumerate(chunk):
+            ids[i, : len(d)] = torch.tensor(d)
+            mask[i, : len(d)] = True
+        yield ids, mask
 
 
 @torch.no_grad()
@@ -92,8 +101,6 @@ def compute_second_moments(
     sums: dict[int, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
     masks: list[torch.Tensor] = []
-    top = max(layers)
-    handles = []
 
     def collect(layer: int) -> Any:
         def hook(_m: nn.Module, args: Any, _out: Any) -> None:
@@ -103,25 +110,13 @@ def compute_second_moments(
 
         return hook
 
-    def stop(*_: Any) -> None:
-        raise _Stop
-
-    for layer in layers:
-        handles.append(arch.module(model, layer, arch.mlp_out).register_forward_hook(collect(layer)))
-    handles.append(arch.layer(model, top).register_forward_hook(stop))
+    handles = [arch.module(model, layer, arch.mlp_out).register_forward_hook(collect(layer)) for layer in layers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=sum(map(len, docs)), desc="second moment", unit="tok", disable=not progress)
     try:
-        for lo in range(0, len(docs), batch_size):
-            chunk = docs[lo : lo + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for i, d in enumerate(chunk):
-                ids[i, : len(d)] = torch.tensor(d)
-                mask[i, : len(d)] = True
+        for ids, mask in _batches(docs, batch_size, pad):
             masks.append(mask.to(device))
-            with contextlib.suppress(_Stop):
+            with stop_after(arch.layer(model, max(layers))):
                 model.base_model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
             bar.update(int(mask.sum()))
     finally:
@@ -132,23 +127,22 @@ def compute_second_moments(
 
 
 class SecondMoments:
-    """Disk-cached second moments with an in-process memo, keyed by :class:`StatsSpec` and layer."""
+    """Second moments computed once: on disk under ``<cache_dir>/stats/<model fingerprint>/`` (one file per
+    layer, corpus content and sample size, :meth:`StatsSpec.path`) and in memory, keyed by that file, for
+    as long as this object lives."""
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = Path(cache_dir)
-        self._memo: dict[tuple[Path, int], torch.Tensor] = {}
+    def __init__(self) -> None:
+        self._memo: dict[Path, torch.Tensor] = {}
 
     def get(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: Sequence[int],
-            spec: StatsSpec, progress: bool = True) -> dict[int, torch.Tensor]:
-        """``{layer: C}``; missing layers are computed together in one pass and saved."""
-        paths = {layer: spec.path(self.cache_dir, arch.layer_path(layer, arch.mlp_out)) for layer in layers}
-        out: dict[int, torch.Tensor] = {}
-        for layer, path in paths.items():
-            if (path, layer) in self._memo:
-                out[layer] = self._memo[(path, layer)]
-            elif path.is_file():
-                out[layer] = self._memo[(path, layer)] = load_file(str(path))["second_moment"]
-        missing = [layer for layer in layers if layer not in out]
+            spec: StatsSpec, cache_dir: Path, progress: bool = True) -> dict[int, torch.Tensor]:
+        """``{layer: C}`` on the model's device; missing layers are computed together in one pass and saved."""
+        cache_dir = Path(cache_dir).resolve()
+        paths = {layer: spec.path(cache_dir, arch.layer_path(layer, arch.mlp_out)) for layer in layers}
+        for path in paths.values():
+            if path not in self._memo and path.is_file():
+                self._memo[path] = load_file(str(path))["second_moment"]
+        missing = [layer for layer, path in paths.items() if path not in self._memo]
         if missing:
             what = f"key statistics (second moment) of layer(s) {', '.join(map(str, missing))} over {spec.sample_tokens} tokens"
             with step(what, one_time=True):
@@ -156,17 +150,6 @@ class SecondMoments:
             for layer, (c, count) in computed.items():
                 with atomic_path(paths[layer]) as tmp:
                     save_file({"second_moment": c}, str(tmp), metadata={"count": str(count), "corpus": str(spec.corpus)})
-                out[layer] = self._memo[(paths[layer], layer)] = c
+                self._memo[paths[layer]] = c
         device = model_device(model)
-        return {layer: out[layer].to(device) for layer in layers}
-
-
-_STORES: dict[Path, SecondMoments] = {}
-
-
-def second_moments(cache_dir: Path) -> SecondMoments:
-    """The process-wide store for ``cache_dir`` (entries are keyed by model fingerprint)."""
-    key = Path(cache_dir).resolve()
-    if key not in _STORES:
-        _STORES[key] = SecondMoments(key)
-    return _STORES[key]
+        return {layer: self._memo[paths[layer]].to(device) for layer in layers}

@@ -16,35 +16,34 @@ from __future__ import annotations
 
 import torch
 
-_FACTOR: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
+class Factorization:
+    """``C + damping * mean(diag C) * I`` ready to solve with, in float64: its Cholesky factor, or the
+    matrix itself (LU at each solve) where it is not positive definite. Computed once per ``C``, it
+    serves every rank-one update of that layer (ROME edits one layer many times with the same ``C``)."""
 
-def _solve(second_moment: torch.Tensor, damping: float, k: torch.Tensor) -> torch.Tensor:
-    """``(C + damping * mean(diag C) * I)^-1 k`` in float64, through a Cholesky factor kept for the
-    last ``C`` seen (ROME edits one layer many times with the same ``C``); LU where ``C`` is not
-    positive definite."""
-    key = (id(second_moment), second_moment._version, damping)
-    if key not in _FACTOR:
+    def __init__(self, second_moment: torch.Tensor, damping: float = 0.0) -> None:
         c = second_moment.double()
         if damping:
             c = c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         factor, info = torch.linalg.cholesky_ex(c)
-        _FACTOR.clear()  # the entry holds C itself, so its id cannot be reused while cached
-        _FACTOR[key] = (second_moment, c if int(info) else factor, bool(int(info)))
-    _, m, use_lu = _FACTOR[key]
-    if use_lu:
-        return torch.linalg.solve(m, k)
-    return torch.cholesky_solve(k[:, None], m)[:, 0]
+        self.use_lu = bool(int(info))
+        self.matrix = c if self.use_lu else factor
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        """``(C + damping * mean(diag C) * I)^-1 k`` for a float64 vector ``k``."""
+        if self.use_lu:
+            return torch.linalg.solve(self.matrix, k)
+        return torch.cholesky_solve(k[:, None], self.matrix)[:, 0]
 
 
-def rank_one_update(second_moment: torch.Tensor, key: torch.Tensor, residual: torch.Tensor,
-                    damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one_update(c: Factorization, key: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(a [d_out, 1], b [1, d_in])`` of the rank-one update, ``Delta = a @ b``.
 
-    ``residual = v* - W k*``. ``damping`` adds ``damping * mean(diag C) * I`` to ``C`` before the solve.
+    ``residual = v* - W k*``; ``c``: the (damped) second moment ``C``, factorized.
     """
     k = key.double().reshape(-1)
-    u = _solve(second_moment, damping, k)        # C^-1 k*
+    u = c.solve(k)                               # C^-1 k*
     b = (u / torch.dot(u, k)).reshape(1, -1)     # (C^-1 k*)^T / ((C^-1 k*)^T k*)
     a = residual.double().reshape(-1, 1)
     return a.to(key.dtype), b.to(key.dtype)

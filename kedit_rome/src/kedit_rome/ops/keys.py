@@ -8,51 +8,15 @@ templates), ``k* = 1/N sum_j k(x_j + p)``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from kedit_core.architecture import ArchitectureSpec, get_module
+from kedit_core.ops.hooks import capture, stop_after
+from kedit_core.ops.logits import model_device
+from kedit_core.ops.tokens import encode_prompts, subject_last_token
 from torch import nn
-
-from ..architecture import ArchitectureSpec, get_module
-from .logits import model_device
-from .tokens import encode_prompts, subject_last_token
-
-
-@contextlib.contextmanager
-def capture(module: nn.Module, which: str = "input") -> Iterator[list[torch.Tensor]]:
-    """Collect the input (first positional argument) or output of ``module`` on every call."""
-    store: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: Any, output: Any) -> None:
-        value = args[0] if which == "input" else (output[0] if isinstance(output, tuple) else output)
-        store.append(value.detach())
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """End the forward pass right after ``module`` ran: nothing above it is needed."""
-
-    def hook(*_: Any) -> None:
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with contextlib.suppress(_Stop):
-            yield
-    finally:
-        handle.remove()
 
 
 def subject_positions(tokenizer: Any, texts: Sequence[str], subjects: Sequence[str]) -> list[int]:
