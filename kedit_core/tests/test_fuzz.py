@@ -236,15 +236,15 @@ class _ShiftMethod(EditMethod):
     kind = PatchKind.MODULE_STATE
     wraps = "mlp_out"
 
-    def compute_patch(self, *a, **k):  # pragma: no cover - patches are built by hand
+    def compute_edit(self, *a, **k):  # pragma: no cover - patches are built by hand
         raise AssertionError
 
-    def attach(self, model, patch, arch):
+    def attach(self, target, patch):
         state = patch.state()
         handles = []
         for path in patch.metadata["modules"]:
             shift = state[f"{path}/shift"]
-            handles.append(model.get_submodule(path).register_forward_hook(lambda m, i, o, s=shift: o + s))
+            handles.append(target.model.get_submodule(path).register_forward_hook(lambda m, i, o, s=shift: o + s))
         return lambda: [h.remove() for h in handles]
 
 

@@ -387,14 +387,14 @@ class HookMethod(EditMethod):
     wraps = "mlp_out"
     attached: ClassVar[list[str]] = []
 
-    def compute_patch(self, *a, **k):  # pragma: no cover - the tests build patches by hand
+    def compute_edit(self, *a, **k):  # pragma: no cover - the tests build patches by hand
         raise AssertionError
 
-    def attach(self, model, patch, arch):
+    def attach(self, target, patch):
         handles = []
         for path in patch.metadata["modules"]:
             shift = patch.state()[f"{path}/shift"]
-            handles.append(model.get_submodule(path).register_forward_hook(lambda m, i, o, s=shift: o + s))
+            handles.append(target.model.get_submodule(path).register_forward_hook(lambda m, i, o, s=shift: o + s))
             self.attached.append(path)
         return lambda: [h.remove() for h in handles]
 
@@ -404,7 +404,7 @@ class MemoryMethod(HookMethod):
     kind = PatchKind.MEMORY
     wraps = None
 
-    def attach(self, model, patch, arch):
+    def attach(self, target, patch):
         return lambda: None
 
 
@@ -481,7 +481,7 @@ def test_memory_patch_that_wraps_nothing_still_applies(model, hook_plugin):
 
 
 def test_attach_that_raises_leaves_nothing_on_the_stack(model, hook_plugin, monkeypatch):
-    def boom(self, model, patch, arch):
+    def boom(self, target, patch):
         raise PatchError("refused by the plugin")
 
     monkeypatch.setattr(HookMethod, "attach", boom)

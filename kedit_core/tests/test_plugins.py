@@ -14,7 +14,7 @@ from kedit_core.plugins import Registry
 class Dummy(EditMethod):
     name = "dummy"
 
-    def compute_patch(self, *a, **k):  # pragma: no cover - never called
+    def compute_edit(self, *a, **k):  # pragma: no cover - never called
         raise AssertionError
 
 
@@ -103,7 +103,7 @@ def test_same_name_from_two_plugins_is_a_clash_that_hides_nothing():
 class Impostor(EditMethod):
     name = "rome"
 
-    def compute_patch(self, *a, **k):  # pragma: no cover - never called
+    def compute_edit(self, *a, **k):  # pragma: no cover - never called
         raise AssertionError
 
 
@@ -200,7 +200,7 @@ def test_method_spec_is_imported_on_first_use_and_checked(monkeypatch):
         supports_batch = True
         preset_package = "kedit_test_lazy_mod"
 
-        def compute_patch(self, *a, **k):  # pragma: no cover - never called
+        def compute_edit(self, *a, **k):  # pragma: no cover - never called
             raise AssertionError
 
     def fake_import(name):
@@ -227,7 +227,7 @@ def test_method_spec_capabilities_must_match_the_class(monkeypatch):
         supports_batch = True
         preset_package = "kedit_test_batchy"
 
-        def compute_patch(self, *a, **k):  # pragma: no cover - never called
+        def compute_edit(self, *a, **k):  # pragma: no cover - never called
             raise AssertionError
 
     @hookimpl
