@@ -18,7 +18,7 @@ from .architecture import ArchitectureSpec, get_parameter, resolve_architecture
 from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
 from .errors import EditError, KeditError, RequestError
 from .evaluate import Evaluator
-from .evaluate.metrics import PROTOCOLS, mean
+from .evaluate.metrics import metric_names, protocols, mean
 from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod, PatchKind
 from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint, model_key
@@ -30,7 +30,6 @@ from .runstate import RunState, run_signature
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = tuple(PROTOCOLS)
 
 
 @dataclass
@@ -68,7 +67,7 @@ class EditResult:
     def metrics(self, which: str = "post") -> dict[str, float]:
         rows = {"pre": self.pre, "post": self.post, "final": self.post_final or []}[which]
         out = {}
-        for name in METRIC_NAMES:
+        for name in metric_names():
             value = mean([r.get(name) for r in rows])
             if value is not None:
                 out[name] = value
@@ -85,7 +84,7 @@ class EditResult:
             "batch_size": self.batch_size,
             "metrics": self.metrics("final" if final else "post"),
             "metrics_pre": self.metrics("pre"),
-            "protocols": {k: PROTOCOLS[k] for k in self.metrics("post")},
+            "protocols": {k: v for k, v in protocols().items() if k in self.metrics("post")},
             "time_per_edit_s": self.time_per_edit_s,
             "peak_rss_mb": self.peak_rss_mb,
             "per_request": [

@@ -62,6 +62,18 @@ def register_architectures(register):
 
 
 @hookspec
+def register_metrics(register):
+    """Register evaluation metrics (or judges) beside the built-in ones.
+
+    ``register(metric)`` takes a :class:`kedit_core.evaluate.metrics.Metric` whose
+    ``compute(evaluator, requests, references)`` returns one value (or None) per request, measured on the
+    model as the evaluator holds it (``evaluator.model``, ``evaluator.tokenizer``, ``evaluator.generate``);
+    its ``protocol`` is printed in every report, its ``tables`` name the bench tables that show it. A name
+    already taken is refused and the plugin reported as broken.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``kedit`` command line.
 

@@ -37,6 +37,7 @@ from .hookspecs import MethodSpec
 
 if TYPE_CHECKING:
     from .architecture import ArchitectureSpec
+    from .evaluate.metrics import Metric
     from .method import EditMethod
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Registry:
     _broken: list[PluginInfo] = field(default_factory=list, repr=False)
     _claims: dict[str, list[MethodInfo]] | None = field(default=None, repr=False)
     _architectures: dict[str, ArchitectureSpec] | None = field(default=None, repr=False)
+    _metrics: list[Metric] | None = field(default=None, repr=False)
     _loaded: bool = False
 
     def __post_init__(self) -> None:
@@ -188,6 +190,7 @@ class Registry:
     def _invalidate(self) -> None:
         self._claims = None
         self._architectures = None
+        self._metrics = None
 
     def add_plugin(self, plugin: Any, name: str | None = None, package: str = "local", version: str = "0") -> None:
         """Register a plugin object or module by hand (tests, notebooks); methods are re-collected."""
@@ -273,6 +276,32 @@ class Registry:
                     found[arch_name] = spec
 
             self._call(impl, register_arch)
+        return found
+
+    @property
+    def metrics(self) -> list[Metric]:
+        """Metrics plugins registered (after the built-ins, in registration order)."""
+        self.load()
+        if self._metrics is None:
+            self._metrics = self._collect_metrics()
+        return self._metrics
+
+    def _collect_metrics(self) -> list[Metric]:
+        from .evaluate.metrics import BUILTIN_METRICS, Metric
+
+        found: list[Metric] = []
+        taken = {m.name for m in BUILTIN_METRICS}
+        for impl in self.pm.hook.register_metrics.get_hookimpls():
+
+            def register(metric: Metric, _plugin: str = impl.plugin_name) -> None:
+                if not isinstance(metric, Metric) or metric.compute is None:
+                    raise PluginError(f"plugin {_plugin} registered {metric!r}, not a Metric with a compute function")
+                if metric.name in taken:
+                    raise PluginError(f"metric name {metric.name!r} is already taken")
+                taken.add(metric.name)
+                found.append(metric)
+
+            self._call(impl, register)
         return found
 
     def add_commands(self, cli: Any) -> None:

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..datasets import resolve_data
+from ..evaluate.metrics import metric_names
 from .config import BenchConfig
 from .runner import PlannedJob
 
 SCHEMA = 1
-TABLE2_METRICS = ("reliability", "generalization", "locality", "portability", "fluency")
-CF_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
-SEQ_METRICS = ("reliability", "generalization", "locality")
 README_BEGIN = "<!-- kedit-bench:begin -->"
 README_END = "<!-- kedit-bench:end -->"
 
@@ -96,21 +94,21 @@ def build_document(config: BenchConfig, jobs: list[PlannedJob], results: dict[st
             "patch_kb": cf["patch_bytes_mean"] / 1024 if cf.get("patch_bytes_mean") is not None else None,
         })
         if zs.get("metrics") is not None:
-            doc["table2"].append({"method": name, "n": zs["n"], **{m: zs["metrics"].get(m) for m in TABLE2_METRICS},
+            doc["table2"].append({"method": name, "n": zs["n"], **{m: zs["metrics"].get(m) for m in metric_names("zsre")},
                                   "fluency_pre": zs["metrics_pre"].get("fluency"),
                                   "s_per_edit": statistics.mean(zs["edit_seconds"]) if zs.get("edit_seconds") else None})
         if cf.get("metrics") is not None:
-            doc["counterfact"].append({"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in CF_METRICS}})
+            doc["counterfact"].append({"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in metric_names("counterfact")}})
         if seq.get("metrics") is not None:
             doc["sequential"].append({"method": name, "n": seq["n"],
-                                      "final": {m: seq["metrics"].get(m) for m in SEQ_METRICS},
-                                      "after_each": {m: seq["metrics_after_each"].get(m) for m in SEQ_METRICS},
+                                      "final": {m: seq["metrics"].get(m) for m in metric_names("sequential")},
+                                      "after_each": {m: seq["metrics_after_each"].get(m) for m in metric_names("sequential")},
                                       "per_request": seq["per_request"]})
     pre_zs = next((r for r in (by_method[m].get("zsre", {}) for m in by_method) if r.get("metrics_pre")), None)
     pre_cf = next((r for r in (by_method[m].get("counterfact", {}) for m in by_method) if r.get("metrics_pre")), None)
     doc["unedited"] = {
-        "zsre": {m: pre_zs["metrics_pre"].get(m) for m in TABLE2_METRICS} if pre_zs else None,
-        "counterfact": {m: pre_cf["metrics_pre"].get(m) for m in CF_METRICS} if pre_cf else None,
+        "zsre": {m: pre_zs["metrics_pre"].get(m) for m in metric_names("zsre")} if pre_zs else None,
+        "counterfact": {m: pre_cf["metrics_pre"].get(m) for m in metric_names("counterfact")} if pre_cf else None,
     }
     return doc
 
@@ -183,8 +181,8 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
             "says so), each edit from the unedited model; EasyEdit token accuracy; fluency = n-gram entropy of "
             "greedy generations (unedited in the first row).", ""]
     pre = doc["unedited"]["zsre"] or {}
-    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in TABLE2_METRICS] + ["–"]]
-    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in TABLE2_METRICS] + [_f(r["s_per_edit"], 2)]
+    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("zsre")] + ["–"]]
+    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("zsre")] + [_f(r["s_per_edit"], 2)]
              for r in doc["table2"]]
     out += [_md_table(["method", "n", "reliability", "generalization", "locality", "portability", "fluency",
                        "s/edit"], rows), ""]
@@ -192,15 +190,15 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
     out += [f"**CounterFact** `{cf['file']}` first {cf['n']} records: efficacy / paraphrase / neighborhood score "
             "(P(new) > P(true); neighborhood: P(true) > P(new)).", ""]
     pre = doc["unedited"]["counterfact"] or {}
-    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in CF_METRICS]]
-    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in CF_METRICS] for r in doc["counterfact"]]
+    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("counterfact")]]
+    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("counterfact")] for r in doc["counterfact"]]
     out += [_md_table(["method", "n", "ES", "PS", "NS"], rows), ""]
     sq = d["sequential"]
     out += [f"**Sequential editing** — ZsRE records {sq['start']}–{sq['start'] + sq['n'] - 1} edited one after "
             "another: scores of all edits on the final model (after each edit in parentheses).", ""]
-    rows = [[r["method"], str(r["n"])] + [f"{_f(r['final'][m])} ({_f(r['after_each'][m])})" for m in SEQ_METRICS]
+    rows = [[r["method"], str(r["n"])] + [f"{_f(r['final'][m])} ({_f(r['after_each'][m])})" for m in metric_names("sequential")]
             for r in doc["sequential"]]
-    out += [_md_table(["method", "n"] + list(SEQ_METRICS), rows), ""]
+    out += [_md_table(["method", "n"] + metric_names("sequential"), rows), ""]
     if figure:
         out += [f"![metrics against the number of sequential edits]({figure})", ""]
     for method, note in doc.get("notes", {}).items():

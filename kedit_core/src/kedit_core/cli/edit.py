@@ -9,10 +9,9 @@ from typing import Any
 import click
 
 from .. import progress
+from ..evaluate.metrics import metric_names
 from .options import echo_json, fmt, model_options, table
 
-METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy_score",
-                "paraphrase_score", "neighborhood_score", "fluency")
 
 
 def check_method(method: str) -> None:
@@ -119,7 +118,7 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
         click.echo(f"    after:  {c['after'].strip()!r}")
     click.echo("")
     pre, post = report["metrics_pre"], report["metrics_post"]
-    names = [m for m in METRIC_ORDER if m in post]
+    names = [m for m in metric_names() if m in post]
     click.echo(table([[m, pre.get(m), post.get(m)] for m in names], ["metric", "before", "after"]))
     t = report["time"]
     click.echo(f"\nedit took {t['edit_itself_s']:.2f} s; peak RSS {report['peak_rss_mb']:.0f} MB")
@@ -171,7 +170,7 @@ def evaluate(method, model, device, dtype, device_map, data, limit, batch_size, 
 
         plot_sequential([(editor.method.name, result)], plot)
     pre, post = report["metrics_pre"], (report.get("metrics_after_each") or report["metrics"])
-    names = [m for m in METRIC_ORDER if m in post]
+    names = [m for m in metric_names() if m in post]
     header = ["metric", "pre", "post (after each)" if sequential else "post"] + (["final"] if sequential else [])
     rows = [[m, pre.get(m), post.get(m)] + ([report["metrics"].get(m)] if sequential else []) for m in names]
     click.echo(f"{report['method']} on {report['model']}, {report['n']} requests from {data}"

@@ -12,6 +12,7 @@ from torch import nn
 from ..ops.logits import logits_at, model_device
 from ..ops.tokens import encode_pairs
 from ..request import EditRequest
+from ..errors import KeditError
 from .metrics import mean, ngram_entropy, token_accuracy
 
 
@@ -147,9 +148,23 @@ class Evaluator:
                     )
             out.append(m)
         if self.fluency:
-            for m, value in zip(out, self.fluency_scores(requests)):
+            for m, value in zip(out, self.fluency_scores(requests), strict=True):
                 m["fluency"] = value
+        self._plugin_metrics(out, requests, references)
         return out, own_refs
+
+    def _plugin_metrics(self, out: list[dict[str, float]], requests: list[EditRequest],
+                        references: list[Reference] | None) -> None:
+        """Metrics plugins registered (``register_metrics``), each computed on the model as it is now."""
+        from ..plugins import get_registry
+
+        for metric in get_registry().metrics:
+            values = metric.compute(self, requests, references)
+            if len(values) != len(requests):
+                raise KeditError(f"metric {metric.name!r} gave {len(values)} values for {len(requests)} requests")
+            for m, value in zip(out, values, strict=True):
+                if value is not None:
+                    m[metric.name] = float(value)
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()

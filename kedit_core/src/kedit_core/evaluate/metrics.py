@@ -1,22 +1,66 @@
-"""Metric definitions (pure functions) and the protocol each metric follows."""
+"""The metrics, as data in one place: name, protocol, the bench tables that show them -- and the pure
+functions behind them. A plugin adds a metric (or a judge) through the ``register_metrics`` hook with a
+:class:`Metric` that carries its own ``compute``; reports, tables and the CLI read :func:`all_metrics`.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-#: which protocol produced each metric -- part of every report
-PROTOCOLS: dict[str, str] = {
-    "reliability": "easyedit-token-accuracy: teacher-forced argmax accuracy on the tokens of ' '+target_new after the edit prompt",
-    "generalization": "easyedit-token-accuracy on the rephrased prompts",
-    "locality": "easyedit-token-agreement: share of teacher-forced argmax tokens on locality probes unchanged by the edit",
-    "portability": "easyedit-token-accuracy on the portability (one-hop) probes' answers",
-    "efficacy_score": "counterfact-probability: P(target_new) > P(target_true) on the edit prompt (mean token NLL)",
-    "paraphrase_score": "counterfact-probability: P(target_new) > P(target_true) on paraphrase prompts",
-    "neighborhood_score": "counterfact-probability: P(target_true) > P(target_new) on neighborhood prompts",
-    "fluency": "weighted bi/tri-gram entropy of greedy generations (ROME/EasyEdit n-gram entropy)",
-}
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric. ``protocol`` says how it is measured (every report names it); ``tables`` the bench
+    tables that show it (``zsre``: Table 2, ``counterfact``, ``sequential``). A plugin metric's
+    ``compute(evaluator, requests, references)`` returns one value (or None) per request, on the model as
+    it is; the built-ins have none, the evaluator computes them together in one batched pass."""
+
+    name: str
+    protocol: str
+    tables: tuple[str, ...] = ()
+    compute: Callable[[Any, list[Any], list[Any] | None], list[float | None]] | None = None
+
+
+BUILTIN_METRICS: tuple[Metric, ...] = (
+    Metric("reliability", "easyedit-token-accuracy: teacher-forced argmax accuracy on the tokens of ' '+target_new "
+           "after the edit prompt", ("zsre", "sequential")),
+    Metric("generalization", "easyedit-token-accuracy on the rephrased prompts", ("zsre", "sequential")),
+    Metric("locality", "easyedit-token-agreement: share of teacher-forced argmax tokens on locality probes unchanged "
+           "by the edit", ("zsre", "sequential")),
+    Metric("portability", "easyedit-token-accuracy on the portability (one-hop) probes' answers", ("zsre",)),
+    Metric("efficacy_score", "counterfact-probability: P(target_new) > P(target_true) on the edit prompt (mean "
+           "token NLL)", ("counterfact",)),
+    Metric("paraphrase_score", "counterfact-probability: P(target_new) > P(target_true) on paraphrase prompts",
+           ("counterfact",)),
+    Metric("neighborhood_score", "counterfact-probability: P(target_true) > P(target_new) on neighborhood prompts",
+           ("counterfact",)),
+    Metric("fluency", "weighted bi/tri-gram entropy of greedy generations (ROME/EasyEdit n-gram entropy)", ("zsre",)),
+)
+
+#: which protocol produced each built-in metric (every report names them; see :func:`protocols`)
+PROTOCOLS: dict[str, str] = {m.name: m.protocol for m in BUILTIN_METRICS}
+
+
+def all_metrics() -> list[Metric]:
+    """The built-in metrics, then those plugins registered, in display order."""
+    from ..plugins import get_registry
+
+    return [*BUILTIN_METRICS, *get_registry().metrics]
+
+
+def metric_names(table: str | None = None) -> list[str]:
+    """Every metric's name in display order, or those a bench table shows."""
+    return [m.name for m in all_metrics() if table is None or table in m.tables]
+
+
+def protocols() -> dict[str, str]:
+    return {m.name: m.protocol for m in all_metrics()}
+
 
 WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
