@@ -488,3 +488,19 @@ def test_attach_that_raises_leaves_nothing_on_the_stack(model, hook_plugin, monk
     with pytest.raises(PatchError, match="refused by the plugin"):
         module_patch(model).apply(model)
     assert stack(model) == []
+
+
+def test_state_groups_read_back_what_the_edit_gave():
+    from kedit_core.edit import Edit
+
+    model, _ = tiny_model("llama")
+    edit = Edit(state={"model.layers.1.mlp.down_proj": {"keys": torch.ones(2, 3), "radii": torch.ones(2)},
+                       "memory": {"keys": torch.zeros(1, 4)}})
+    patch = Patch.create(method="t", kind=PatchKind.MEMORY, model=model, tensors=edit.tensors())
+    groups = patch.state_groups()
+    assert set(groups) == {"model.layers.1.mlp.down_proj", "memory"}
+    assert torch.equal(groups["memory"]["keys"], torch.zeros(1, 4))
+    keys, radii = patch.require_state("model.layers.1.mlp.down_proj", "keys", "radii")
+    assert keys.shape == (2, 3) and radii.shape == (2,)
+    with pytest.raises(PatchError, match="lacks tensor state/memory/values"):
+        patch.require_state("memory", "keys", "values")

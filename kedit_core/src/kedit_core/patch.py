@@ -157,6 +157,23 @@ class Patch:
         """Module-state tensors, keyed without the ``state/`` prefix."""
         return {k[len("state/") :]: v for k, v in self.tensors.items() if k.startswith("state/")}
 
+    def state_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Module-state and memory tensors as the method's :class:`~kedit_core.edit.Edit` gave them:
+        group (module path or memory name) -> tensor name -> tensor."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.state().items():
+            group, _, name = key.rpartition("/")
+            groups.setdefault(group, {})[name] = t
+        return groups
+
+    def require_state(self, group: str, *names: str) -> list[torch.Tensor]:
+        """The tensors ``names`` of ``group``, or a :class:`PatchError` naming the first that is missing."""
+        tensors = self.state_groups().get(group, {})
+        for name in names:
+            if name not in tensors:
+                raise PatchError(f"{self.method} patch {self.patch_id} lacks tensor state/{group}/{name}")
+        return [tensors[name] for name in names]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 

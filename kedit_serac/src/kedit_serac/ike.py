@@ -89,7 +89,7 @@ class IKE(EditMethod):
 
     def attach(self, target: ModelContext, patch: Patch) -> Detach:
         tokenizer = require_tokenizer(target.tokenizer, f"IKE patch {patch.patch_id}")
-        keys = patch.state().get("memory/keys")
+        keys = patch.state_groups().get("memory", {}).get("keys")
         contexts = list(patch.metadata.get("extra", {}).get("contexts", []))
         if keys is None or keys.shape[0] != len(contexts) or not contexts:
             raise PatchError(f"IKE patch {patch.patch_id} needs one memory key per context")

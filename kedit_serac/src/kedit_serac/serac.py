@@ -124,15 +124,13 @@ class SERAC(EditMethod):
 
     def attach(self, target: ModelContext, patch: Patch) -> Detach:
         tokenizer = require_tokenizer(target.tokenizer, f"SERAC patch {patch.patch_id}")
-        state, extra = patch.state(), patch.metadata.get("extra", {})
-        missing = [k for k in (*(f"scope_classifier/{k}" for k in STATE_KEYS), "memory/keys") if k not in state]
-        if missing:
-            raise PatchError(f"SERAC patch {patch.patch_id} lacks {missing[0]!r}")
-        keys = state["memory/keys"]
+        extra = patch.metadata.get("extra", {})
+        classifier_state = dict(zip(STATE_KEYS, patch.require_state("scope_classifier", *STATE_KEYS), strict=True))
+        (keys,) = patch.require_state("memory", "keys")
         contexts = list(extra.get("contexts", []))
         if len(contexts) != keys.shape[0]:
             raise PatchError(f"SERAC patch {patch.patch_id}: {keys.shape[0]} keys but {len(contexts)} contexts")
-        classifier = ScopeClassifier.from_tensors({k: state[f"scope_classifier/{k}"] for k in STATE_KEYS})
+        classifier = ScopeClassifier.from_tensors(classifier_state)
         route = scope_router(classifier, keys, float(extra["threshold"]))
         return attach_memory(target.model, tokenizer, Memory(contexts, route))
 

@@ -142,13 +142,7 @@ class GRACE(EditMethod):
         if len(modules) != 1:
             raise PatchError(f"grace patch {patch.patch_id} must name exactly one wrapped module, not {modules}")
         path = modules[0]
-        state = patch.state()
-        parts = {}
-        for name in ("keys", "values", "radii"):
-            if f"{path}/{name}" not in state:
-                raise PatchError(f"grace patch {patch.patch_id} lacks tensor state/{path}/{name}")
-            parts[name] = state[f"{path}/{name}"]
-        keys, values, radii = parts["keys"], parts["values"], parts["radii"]
+        keys, values, radii = patch.require_state(path, "keys", "values", "radii")
         labels, metric = extra.get("labels"), extra.get("metric")
         n = keys.shape[0]
         if keys.ndim != 2 or values.ndim != 2 or radii.ndim != 1 or values.shape[0] != n or radii.shape[0] != n:
@@ -168,7 +162,7 @@ class GRACE(EditMethod):
         if keys.shape[1] != in_dim or values.shape[1] != out_dim:
             raise PatchError(f"grace patch {patch.patch_id}: codebook is {keys.shape[1]}->{values.shape[1]}, "
                              f"module {path!r} is {in_dim}->{out_dim}")
-        for name, t in parts.items():
+        for name, t in (("keys", keys), ("values", values), ("radii", radii)):
             if not torch.isfinite(t).all():
                 raise PatchError(f"grace patch {patch.patch_id}: {name} has non-finite values")
         device = get_parameter(model, param).device

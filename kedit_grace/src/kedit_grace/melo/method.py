@@ -186,19 +186,15 @@ class MELO(EditMethod):
     # -- applying --------------------------------------------------------------------------------
     def attach(self, target: ModelContext, patch: Patch) -> Detach:
         model, arch = target.model, target.arch
-        meta, state = patch.metadata, patch.state()
+        meta = patch.metadata
         extra, paths = meta.get("extra") or {}, meta.get("modules") or []
         pid = patch.patch_id
         router_path = extra.get("router")
         if not paths or not isinstance(router_path, str):
             raise PatchError(f"melo patch {pid} names no LoRA modules or no router")
-        need = [f"{router_path}/{n}" for n in ("keys", "radii", "blocks")]
-        need += [f"{p}/{n}" for p in paths for n in ("lora_a", "lora_b")]
-        missing = [n for n in need if n not in state]
-        if missing:
-            raise PatchError(f"melo patch {pid} lacks tensor state/{missing[0]}")
-        keys, radii, blocks = (state[n] for n in need[:3])
-        n_keys, n_blocks = keys.shape[0], state[need[3]].shape[0]
+        keys, radii, blocks = patch.require_state(router_path, "keys", "radii", "blocks")
+        lora = {p: patch.require_state(p, "lora_a", "lora_b") for p in paths}
+        n_keys, n_blocks = keys.shape[0], lora[paths[0]][0].shape[0]
         members = extra.get("members")
         if radii.shape != (n_keys,) or blocks.shape != (n_keys,) or not isinstance(members, list) or len(members) != n_keys:
             raise PatchError(f"melo patch {pid}: index shapes disagree (keys {tuple(keys.shape)}, radii "
@@ -210,8 +206,8 @@ class MELO(EditMethod):
         if router_path not in arch.role_paths(model, "attn"):
             raise PatchError(f"melo patch {pid} would route on {router_path!r}, not an attention module of this model")
         for p in paths:
-            self._check_lora(model, arch, patch, p, state[f"{p}/lora_a"], state[f"{p}/lora_b"], n_blocks)
-        for name, t in state.items():
+            self._check_lora(model, arch, patch, p, *lora[p], n_blocks)
+        for name, t in patch.state().items():
             if not torch.isfinite(t).all():
                 raise PatchError(f"melo patch {pid}: {name} has non-finite values")
         device = get_parameter(model, f"{paths[0]}.weight").device
@@ -223,7 +219,7 @@ class MELO(EditMethod):
             base = unwrap_base(current, MeloLoRA, supersedes)
             if base is not current and current.router not in old_routers:
                 old_routers.append(current.router)
-            wrappers[p] = MeloLoRA(base, state[f"{p}/lora_a"].to(device), state[f"{p}/lora_b"].to(device),
+            wrappers[p] = MeloLoRA(base, lora[p][0].to(device), lora[p][1].to(device),
                                    float(extra["scale"]), router, state_id=pid)
             wrappers[p].members = members
         uninstall = install(model, wrappers)
