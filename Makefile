@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # every distribution in the repository; a new method family adds its directory here
 PACKAGES := kedit_core[gguf,plot] $(wildcard kedit_rome kedit_mend kedit_serac kedit_grace) plugins/kedit_ft
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit lint bench clean
 
 $(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/.installed: Makefile $(wildcard */pyproject.toml plugins/*/pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# editable installs of src layouts put each src directory on sys.path (a static .pth file), so running from
 	# the repository root imports the real packages, not the distribution directories of the same name
-	$(BIN)/python -m pip install -q $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis
+	$(BIN)/python -m pip install -q $(foreach p,$(PACKAGES),-e '$(p)') pytest hypothesis ruff==0.17.6
 	touch $@
 
 install: $(BIN)/.installed
@@ -31,6 +31,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# the linters CI runs (configured in pyproject.toml)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not real_model"

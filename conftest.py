@@ -1,10 +1,9 @@
 """Test-suite wide settings: no stray installed plugins unless a test asks (see kedit_core.plugins)."""
 
-import os
-
 # The distribution directories (kedit_core/, kedit_rome/, ...) carry their package's name; import the
 # installed packages before collection so pytest's importlib mode does not mistake a directory for them.
 import importlib  # noqa: E402
+import os
 import pathlib  # noqa: E402
 
 for _init in sorted(pathlib.Path(__file__).resolve().parent.glob("*/src/*/__init__.py")):
@@ -18,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def shipped_data():

@@ -37,15 +37,29 @@ def main() -> None:
         hp = json.loads(args.hparams) if args.hparams.lstrip().startswith("{") else args.hparams
     editor = Editor(args.method, args.model, hparams=hp)
     if isinstance(hp, dict):
-        editor.hparams = editor.method.load_hparams({**editor.method.load_hparams(None, editor.model_info.key).to_dict(), **hp})
+        editor.hparams = editor.method.load_hparams(
+            {**editor.method.load_hparams(None, editor.model_info.key).to_dict(), **hp}
+        )
     reqs = load_requests(args.data)[args.start : args.start + args.n]
     t0 = time.perf_counter()
     result = editor.edit(reqs, sequential=args.sequential, batch_size=args.batch_size, fluency=args.fluency)
     report = result.to_report()
     report["wall_s"] = time.perf_counter() - t0
     report["hparams"] = editor.hparams.to_dict()
-    summary = {k: report[k] for k in ("method", "n", "sequential", "batch_size", "metrics", "metrics_pre",
-                                       "time_per_edit_s", "peak_rss_mb", "wall_s")}
+    summary = {
+        k: report[k]
+        for k in (
+            "method",
+            "n",
+            "sequential",
+            "batch_size",
+            "metrics",
+            "metrics_pre",
+            "time_per_edit_s",
+            "peak_rss_mb",
+            "wall_s",
+        )
+    }
     if "metrics_after_each" in report:
         summary["metrics_after_each"] = report["metrics_after_each"]
     print(json.dumps(summary, indent=1))

@@ -50,8 +50,9 @@ def timed(cmd: list[str] | str, cwd: Path, env: dict[str, str], log: Path | None
     start = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
-        subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=out, stderr=subprocess.STDOUT,
-                       shell=isinstance(cmd, str))
+        subprocess.run(
+            cmd, cwd=cwd, env=env, check=True, stdout=out, stderr=subprocess.STDOUT, shell=isinstance(cmd, str)
+        )
     finally:
         if log:
             out.close()
@@ -80,19 +81,41 @@ def main() -> None:
     clone = work / "kedit"
     env = {**os.environ, "KEDIT_CACHE": str(work / "cache"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.pop("KEDIT_DISABLE_PLUGIN_AUTOLOAD", None)
-    report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                                "load_average_before": os.getloadavg()}, "work_dir": str(work)}
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": os.getloadavg(),
+        },
+        "work_dir": str(work),
+    }
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    report["commit"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True
+    ).stdout.strip()
     print(f"fresh clone of {report['commit'][:12]} in {clone}", file=sys.stderr)
 
     report["make_install_s"] = timed(["make", "install"], clone, env, work / "install.log")
     kedit, python = str(clone / ".venv" / "bin" / "kedit"), str(clone / ".venv" / "bin" / "python")
     report["kedit_help_s"] = summary([timed([kedit, "--help"], clone, env) for _ in range(args.runs)])
     report["kedit_methods_s"] = summary([timed([kedit, "methods"], clone, env) for _ in range(args.runs)])
-    imported = subprocess.run([python, "-c", "import sys; from kedit_core.cli import main; main(['methods']); "
-                               "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"],
-                              cwd=clone, env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    imported = (
+        subprocess.run(
+            [
+                python,
+                "-c",
+                "import sys; from kedit_core.cli import main; main(['methods']); "
+                "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))",
+            ],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     report["kedit_methods_imports"] = imported
 
     report["make_demo_first_s"] = timed(["make", "demo"], clone, env, work / "demo_first.log")
@@ -107,21 +130,26 @@ def main() -> None:
         ours.append(load_times(python, KEDIT_LOAD, cached, clone, env))
     report["load_plain"] = {k: summary([r[k] for r in plain]) for k in plain[0]}
     report["load_kedit"] = {k: summary([r[k] for r in ours]) for k in ours[0]}
-    report["load_ratio_median"] = {k: report["load_kedit"][k]["median"] / report["load_plain"][k]["median"]
-                                   for k in ("load_s", "process_s")}
+    report["load_ratio_median"] = {
+        k: report["load_kedit"][k]["median"] / report["load_plain"][k]["median"] for k in ("load_s", "process_s")
+    }
     report["machine"]["load_average_after"] = os.getloadavg()
 
-    rows = [("make install (fresh venv)", report["make_install_s"]),
-            ("kedit --help (median)", report["kedit_help_s"]["median"]),
-            ("kedit methods (median)", report["kedit_methods_s"]["median"]),
-            ("make demo, first run", report["make_demo_first_s"]),
-            ("make demo, again", report["make_demo_again_s"]),
-            ("cached load, plain transformers (median)", report["load_plain"]["load_s"]["median"]),
-            ("cached load, kedit (median)", report["load_kedit"]["load_s"]["median"])]
+    rows = [
+        ("make install (fresh venv)", report["make_install_s"]),
+        ("kedit --help (median)", report["kedit_help_s"]["median"]),
+        ("kedit methods (median)", report["kedit_methods_s"]["median"]),
+        ("make demo, first run", report["make_demo_first_s"]),
+        ("make demo, again", report["make_demo_again_s"]),
+        ("cached load, plain transformers (median)", report["load_plain"]["load_s"]["median"]),
+        ("cached load, kedit (median)", report["load_kedit"]["load_s"]["median"]),
+    ]
     for name, seconds in rows:
         print(f"{name:45s} {seconds:8.2f} s")
-    print(f"{'kedit / plain load (in-process, whole process)':45s} "
-          f"{report['load_ratio_median']['load_s']:.2f}x, {report['load_ratio_median']['process_s']:.2f}x")
+    print(
+        f"{'kedit / plain load (in-process, whole process)':45s} "
+        f"{report['load_ratio_median']['load_s']:.2f}x, {report['load_ratio_median']['process_s']:.2f}x"
+    )
     print(f"{'kedit methods imported':45s} {imported}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -22,8 +22,13 @@ TESTS = ROOT / "kedit_core" / "tests" / "test_fuzz.py"
 #: which loader each property exercises (``test_apply_*``: hand-edited patches with a recomputed id --
 #: forged fingerprints / post-edit fingerprints / wrapped modules, tied weights -- refused at apply or revert
 #: with the model bit-identical; they run KEDIT_FUZZ_EXAMPLES // 10 cases each)
-LOADER = {"patch": "patch loader", "request": "request loader", "hparams": "hyperparameter loader",
-          "apply": "patch apply/revert checks", "checkpoint": "trained-editor checkpoint loader"}
+LOADER = {
+    "patch": "patch loader",
+    "request": "request loader",
+    "hparams": "hyperparameter loader",
+    "apply": "patch apply/revert checks",
+    "checkpoint": "trained-editor checkpoint loader",
+}
 #: malformed MEND checkpoints (random, truncated, flipped model.safetensors; random and mutated config.json)
 CHECKPOINT_TESTS = ROOT / "kedit_mend" / "tests" / "test_checkpoint_fuzz.py"
 STAT = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?,? (?:and )?(\d+) invalid")
@@ -41,15 +46,29 @@ def parse(output: str) -> dict[str, dict[str, int]]:
             continue
         m = STAT.search(line)
         if m and current:
-            for key, value in zip(("passing", "failing", "invalid"), m.groups()):
+            for key, value in zip(("passing", "failing", "invalid"), m.groups(), strict=False):
                 stats[current][key] += int(value)
     return stats
 
 
 def checkpoint_fuzz(env: dict[str, str]) -> subprocess.CompletedProcess:
     """The trained-editor checkpoint properties (kedit_mend's tests), run like those of test_fuzz.py."""
-    return subprocess.run([sys.executable, "-m", "pytest", str(CHECKPOINT_TESTS), "-q", "-p", "no:cacheprovider",
-                           "--hypothesis-show-statistics"], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(CHECKPOINT_TESTS),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-show-statistics",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def main() -> int:
@@ -59,8 +78,13 @@ def main() -> int:
     args = ap.parse_args()
     env = {**os.environ, "KEDIT_FUZZ_EXAMPLES": str(args.examples)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(TESTS), "-q", "-p", "no:cacheprovider",
-                           "--hypothesis-show-statistics"], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(TESTS), "-q", "-p", "no:cacheprovider", "--hypothesis-show-statistics"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     ckpt = checkpoint_fuzz(env)
     wall = time.perf_counter() - t0
     stats = {**parse(proc.stdout), **parse(ckpt.stdout)}
@@ -84,8 +108,18 @@ def main() -> int:
     if proc.returncode != 0:
         print(proc.stdout[-3000:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"examples_per_property": args.examples, "pytest_exit": proc.returncode,
-                                          "wall_s": round(wall, 1), "per_loader": per_loader, "rows": rows}, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "examples_per_property": args.examples,
+                "pytest_exit": proc.returncode,
+                "wall_s": round(wall, 1),
+                "per_loader": per_loader,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     return proc.returncode
 
 

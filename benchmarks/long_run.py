@@ -22,13 +22,33 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "zsre"  # shipped with kedit-core (kedit_core/data); a path works too
 #: hyperparameters for the tiny random model (the presets are for real models)
 TINY = {
-    "rome": {"layers": [1], "v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mom2_n_tokens": 400,
-             "context_template_length_params": [[4, 2]]},
-    "memit": {"layers": [1, 2], "mom2_update_weight": 100.0, "v_num_grad_steps": 6, "v_lr": 0.5,
-              "clamp_norm_factor": 50.0, "mom2_n_tokens": 400, "context_template_length_params": [[4, 2]]},
+    "rome": {
+        "layers": [1],
+        "v_num_grad_steps": 6,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 50.0,
+        "mom2_n_tokens": 400,
+        "context_template_length_params": [[4, 2]],
+    },
+    "memit": {
+        "layers": [1, 2],
+        "mom2_update_weight": 100.0,
+        "v_num_grad_steps": 6,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 50.0,
+        "mom2_n_tokens": 400,
+        "context_template_length_params": [[4, 2]],
+    },
     "grace": {"layer": 2, "eps_init": 0.01, "lr": 0.5, "max_steps": 8, "stop_loss": 0.0},
-    "melo": {"router_layer": 2, "lora_layers": [2, 3], "lr": 0.05, "max_steps": 8, "radius": 0.03,
-             "cluster_radius": 0.0, "stop_loss": 0.0},
+    "melo": {
+        "router_layer": 2,
+        "lora_layers": [2, 3],
+        "lr": 0.05,
+        "max_steps": 8,
+        "radius": 0.03,
+        "cluster_radius": 0.0,
+        "stop_loss": 0.0,
+    },
     "ft-l": {"layers": [1], "lr": 0.05, "num_steps": 6},
 }
 
@@ -75,21 +95,37 @@ def main() -> None:
     def checkpoint(done: int, result) -> None:
         if done % args.every and done != args.n:
             return
-        row = {"edits": done, "rss_mb": round(current_rss_mb(), 1), "state_mb": round(state_mb(result), 2),
-               "metadata_json_mb": round(metadata_mb(result), 2),
-               "snapshot_mb": round(sum(t.numel() * t.element_size() for t in result.baseline.values()) / 2**20, 2),
-               "s_per_edit": round(sum(result.edit_seconds) / done, 4)}
+        row = {
+            "edits": done,
+            "rss_mb": round(current_rss_mb(), 1),
+            "state_mb": round(state_mb(result), 2),
+            "metadata_json_mb": round(metadata_mb(result), 2),
+            "snapshot_mb": round(sum(t.numel() * t.element_size() for t in result.baseline.values()) / 2**20, 2),
+            "s_per_edit": round(sum(result.edit_seconds) / done, 4),
+        }
         rows.append(row)
-        print(f"{row['edits']:>6} edits  rss {row['rss_mb']:>8.1f} MB  edits' state {row['state_mb']:>8.2f} MB  "
-              f"metadata {row['metadata_json_mb']:>6.2f} MB  snapshot {row['snapshot_mb']:>7.2f} MB  "
-              f"{row['s_per_edit']:.3f} s/edit", flush=True)
+        print(
+            f"{row['edits']:>6} edits  rss {row['rss_mb']:>8.1f} MB  edits' state {row['state_mb']:>8.2f} MB  "
+            f"metadata {row['metadata_json_mb']:>6.2f} MB  snapshot {row['snapshot_mb']:>7.2f} MB  "
+            f"{row['s_per_edit']:.3f} s/edit",
+            flush=True,
+        )
 
     result = editor.edit(requests, sequential=True, keep_original_weight=False, evaluate=False, on_chunk=checkpoint)
     first, last = rows[0], rows[-1]
     growth = (last["rss_mb"] - first["rss_mb"]) - (last["state_mb"] - first["state_mb"])
-    summary = {"method": args.method, "model": args.model, "n": args.n, "every": args.every, "hparams": hparams,
-               "cumulative_patches": cumulative, "rss_before_mb": round(start_rss, 1), "rows": rows,
-               "rss_growth_beyond_state_mb": round(growth, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "method": args.method,
+        "model": args.model,
+        "n": args.n,
+        "every": args.every,
+        "hparams": hparams,
+        "cumulative_patches": cumulative,
+        "rss_before_mb": round(start_rss, 1),
+        "rows": rows,
+        "rss_growth_beyond_state_mb": round(growth, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     print(f"RSS growth from edit {first['edits']} to {last['edits']} beyond the edits' own state: {growth:.1f} MB")
     editor.restore(result)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"long_run_{args.method}_{Path(args.model).name}.json")

@@ -30,8 +30,15 @@ HPARAMS = {
     "serac": {"n_demonstrations": 1},
     "ike": {"k": 2, "pool": str(ROOT / "kedit_serac" / "tests" / "data" / "pool.json")},
     "grace": {"layer": 2, "eps_init": 0.01, "lr": 0.5, "max_steps": 8, "stop_loss": 0.0},
-    "melo": {"router_layer": 2, "lora_layers": [2, 3], "lr": 0.05, "max_steps": 8, "radius": 0.03,
-             "cluster_radius": 0.0, "stop_loss": 0.0},
+    "melo": {
+        "router_layer": 2,
+        "lora_layers": [2, 3],
+        "lr": 0.05,
+        "max_steps": 8,
+        "radius": 0.03,
+        "cluster_radius": 0.0,
+        "stop_loss": 0.0,
+    },
     "ft-l": {"layers": [1], "lr": 0.05, "num_steps": 4},
     "ft-m": {"layers": [1, 2], "lr": 0.05, "num_steps": 4},
 }
@@ -39,6 +46,7 @@ HPARAMS = {
 
 def patch_ids(cache: Path) -> dict[str, dict[str, str]]:
     import torch
+
     from kedit_core.architecture import resolve_architecture
     from kedit_core.method import EditContext
     from kedit_core.plugins import get_registry
@@ -53,8 +61,9 @@ def patch_ids(cache: Path) -> dict[str, dict[str, str]]:
             model, tok = tiny_model(family)
             ctx = EditContext(model_id="tiny", cache_dir=cache / family)
             try:
-                patch = method.compute_patch(model, tok, tiny_requests()[:1], method.load_hparams(hp),
-                                             resolve_architecture(model), ctx)
+                patch = method.compute_patch(
+                    model, tok, tiny_requests()[:1], method.load_hparams(hp), resolve_architecture(model), ctx
+                )
                 out[name][family] = patch.patch_id
             except Exception as exc:  # recorded: an error is a result to compare too
                 out[name][family] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
@@ -73,8 +82,12 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(ids, indent=1, sort_keys=True))
     if args.compare:
         old = json.loads(Path(args.compare).read_text())
-        diff = [(m, f, old.get(m, {}).get(f), i) for m, fam in ids.items() for f, i in fam.items()
-                if old.get(m, {}).get(f) != i]
+        diff = [
+            (m, f, old.get(m, {}).get(f), i)
+            for m, fam in ids.items()
+            for f, i in fam.items()
+            if old.get(m, {}).get(f) != i
+        ]
         for m, f, a, b in diff:
             print(f"CHANGED {m} {f}: {a} -> {b}")
         n = sum(len(f) for f in ids.values())

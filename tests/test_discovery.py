@@ -1,6 +1,7 @@
 """Every plugin distribution in this repository is discovered through the `kedit` entry-point group."""
 
 import pathlib
+
 import tomllib
 
 from kedit_core.plugins import Registry

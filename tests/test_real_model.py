@@ -20,8 +20,13 @@ EDIT = ["--prompt", PROMPT, "--subject", "The Eiffel Tower", "--target", "Rome",
 
 def kedit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "KEDIT_DISABLE_PLUGIN_AUTOLOAD": ""}
-    proc = subprocess.run([sys.executable, "-c", "from kedit_core.cli import entry; entry()", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kedit_core.cli import entry; entry()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -30,7 +35,6 @@ def kedit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ft_registry():
     import kedit_ft.plugin
-
     from kedit_core.plugins import reset_registry
 
     reg = reset_registry(autoload=False)
@@ -80,7 +84,8 @@ def test_patch_for_another_model_is_refused_by_the_cli(tmp_path, ft_registry):
 
     model, tok = tiny_model("gemma3")
     patch = Editor("ft-m", model, tok, hparams={"layers": [1], "num_steps": 2}).compute_patch(
-        [{"prompt": PROMPT, "subject": "The Eiffel Tower", "target_new": "Rome"}])
+        [{"prompt": PROMPT, "subject": "The Eiffel Tower", "target_new": "Rome"}]
+    )
     path = patch.save(tmp_path / "tiny.kedit.safetensors")
     proc = kedit("patch", "apply", str(path), "--prompt", PROMPT, check=False)
     assert proc.returncode == 1

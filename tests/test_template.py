@@ -10,8 +10,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "plugins" / "template"
-RENAMES = [("kedit_example", "kedit_acme"), ("kedit-example", "kedit-acme"), ("grad-step", "acme-step"),
-           ("example = ", "acme = ")]
+RENAMES = [
+    ("kedit_example", "kedit_acme"),
+    ("kedit-example", "kedit-acme"),
+    ("grad-step", "acme-step"),
+    ("example = ", "acme = "),
+]
 
 
 def render(dest: Path) -> Path:
@@ -33,17 +37,47 @@ def render(dest: Path) -> Path:
 def test_template_renders_installs_and_passes_conformance(tmp_path):
     pkg = render(tmp_path / "kedit-acme")
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(pkg)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "KEDIT_DISABLE_PLUGIN_AUTOLOAD": ""}
-    listed = subprocess.run([sys.executable, "-c", "from kedit_core.cli import entry; entry()", "methods", "--json"],
-                            capture_output=True, text=True, env=env, check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "KEDIT_DISABLE_PLUGIN_AUTOLOAD": "",
+    }
+    listed = subprocess.run(
+        [sys.executable, "-c", "from kedit_core.cli import entry; entry()", "methods", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     data = json.loads(listed.stdout)
     [row] = [m for m in data["methods"] if m["method"] == "acme-step"]
     assert row["package"] == "kedit-acme" and row["version"] == "0.1.0" and row["presets"] == ["default"]
     assert data["broken"] == []
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout

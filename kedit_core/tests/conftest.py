@@ -1,6 +1,7 @@
 """Fixtures shared by kedit-core's tests."""
 
 import pytest
+
 from kedit_core.plugins import reset_registry
 
 

@@ -6,7 +6,9 @@ from kedit_core.errors import ArchitectureError
 from kedit_core.testing import tiny_model
 
 
-@pytest.mark.parametrize("family,layout,normalized", [("gpt2", "conv1d", False), ("llama", "linear", False), ("gemma3", "linear", True)])
+@pytest.mark.parametrize(
+    "family,layout,normalized", [("gpt2", "conv1d", False), ("llama", "linear", False), ("gemma3", "linear", True)]
+)
 def test_resolve_and_paths(family, layout, normalized):
     model, _ = tiny_model(family)
     spec = resolve_architecture(model)
@@ -48,8 +50,18 @@ def test_plugin_architecture_registration():
     class Toy(torch.nn.Module):
         pass
 
-    spec = ArchitectureSpec(names=("Toy",), layers="l", embed="e", final_norm="n", lm_head="h", attn="a",
-                            attn_out="a.o", mlp="m", mlp_in=("m.i",), mlp_out="m.o")
+    spec = ArchitectureSpec(
+        names=("Toy",),
+        layers="l",
+        embed="e",
+        final_norm="n",
+        lm_head="h",
+        attn="a",
+        attn_out="a.o",
+        mlp="m",
+        mlp_in=("m.i",),
+        mlp_out="m.o",
+    )
 
     class P:
         @hookimpl
@@ -73,8 +85,11 @@ def test_layer_rule_counts_from_the_end_for_negatives_and_refuses_the_rest(famil
     assert spec.check_layers(model, [0, 3], "layers") == [0, 3]
     assert spec.check_layers(model, [-1, -4], "layers") == [3, 0] and spec.check_layer(model, -2, "layer") == 2
     for bad in (4, 40, -5):
-        with pytest.raises(HparamsError, match=rf"^hyperparameter 'layers': layer {bad} is out of range for this "
-                                               r"model's 4 layers \(valid: 0\.\.3, or -4\.\.-1 counting from the end\)$"):
+        with pytest.raises(
+            HparamsError,
+            match=rf"^hyperparameter 'layers': layer {bad} is out of range for this "
+            r"model's 4 layers \(valid: 0\.\.3, or -4\.\.-1 counting from the end\)$",
+        ):
             spec.check_layers(model, [1, bad], "layers")
     with pytest.raises(HparamsError, match=r"^hyperparameter 'layer': layer True is out of range"):
         spec.check_layer(model, True, "layer")
@@ -88,5 +103,18 @@ def test_layer_rule_counts_from_the_end_for_negatives_and_refuses_the_rest(famil
 def test_max_positions_comes_from_the_config(family):
     model, _ = tiny_model(family)
     assert resolve_architecture(model).max_positions(model) == 128
-    assert ArchitectureSpec(names=("X",), layers="l", embed="e", final_norm="n", lm_head="h", attn="a", attn_out="o",
-                            mlp="m", mlp_in=("i",), mlp_out="o").max_positions(torch.nn.Linear(1, 1)) is None
+    assert (
+        ArchitectureSpec(
+            names=("X",),
+            layers="l",
+            embed="e",
+            final_norm="n",
+            lm_head="h",
+            attn="a",
+            attn_out="o",
+            mlp="m",
+            mlp_in=("i",),
+            mlp_out="o",
+        ).max_positions(torch.nn.Linear(1, 1))
+        is None
+    )

@@ -64,11 +64,19 @@ def test_failed_save_keeps_the_old_file(tmp_path):
 
     model = tiny_model("llama")[0]
     name = "model.layers.1.mlp.down_proj.weight"
-    good = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                        tensors={f"delta/{name}": torch.zeros_like(model.get_parameter(name))})
+    good = Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{name}": torch.zeros_like(model.get_parameter(name))},
+    )
     path = good.save(tmp_path / "p.kedit.safetensors")
-    bad = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                       tensors={f"delta/{name}": torch.full_like(model.get_parameter(name), float("nan"))})
+    bad = Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{name}": torch.full_like(model.get_parameter(name), float("nan"))},
+    )
     with pytest.raises(PatchError):
         bad.save(path)
     assert Patch.load(path).patch_id == good.patch_id
@@ -95,8 +103,12 @@ def test_patches_and_written_files_get_the_mode_the_umask_gives(tmp_path, umask,
     assert current_umask() == mask
     model = tiny_model("llama")[0]
     name = "model.layers.1.mlp.down_proj.weight"
-    patch = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                         tensors={f"delta/{name}": torch.ones_like(model.get_parameter(name))})
+    patch = Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{name}": torch.ones_like(model.get_parameter(name))},
+    )
     path = patch.save(tmp_path / "p.kedit.safetensors")
     atomic_write_text(tmp_path / "run.json", "{}")
     (tmp_path / "plain").write_text("")  # what open() gives, for comparison

@@ -4,6 +4,7 @@ tables and figure written, the README section filled from the JSON, and ``--comp
 import json
 
 import pytest
+
 from kedit_core.bench import runner
 from kedit_core.bench.compare import compare, load_document
 from kedit_core.bench.config import BenchConfig
@@ -13,7 +14,6 @@ from kedit_core.errors import KeditError
 from kedit_core.testing import tiny_model
 
 FT_HP = {"layers": [1], "lr": 0.05, "num_steps": 8}
-
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,20 @@ def data(shipped_data, tmp_path_factory):
 
 
 def config(data, **kw) -> BenchConfig:
-    base = {"zsre": str(data / "zsre.json"), "counterfact": str(data / "counterfact.json"), "zsre_n": 3,
-            "counterfact_n": 2, "speed_n": 2, "sequential_n": 3, "fluency": True, "methods": ["ft-l", "ft-m"],
-            "options": {"ft-l": {"hparams": FT_HP}, "ft-m": {"hparams": FT_HP, "max_records": 2, "skip": ["batch"],
-                                                          "note": "capped for the test"}}}
+    base = {
+        "zsre": str(data / "zsre.json"),
+        "counterfact": str(data / "counterfact.json"),
+        "zsre_n": 3,
+        "counterfact_n": 2,
+        "speed_n": 2,
+        "sequential_n": 3,
+        "fluency": True,
+        "methods": ["ft-l", "ft-m"],
+        "options": {
+            "ft-l": {"hparams": FT_HP},
+            "ft-m": {"hparams": FT_HP, "max_records": 2, "skip": ["batch"], "note": "capped for the test"},
+        },
+    }
     return BenchConfig.model_validate({**base, **kw})
 
 
@@ -38,8 +48,15 @@ def test_plan_follows_capability_flags_and_options(ft_plugin, data):
     jobs = runner.plan(config(data), ft_plugin)
     kinds = {(j.spec.method, j.spec.kind): j.spec for j in jobs}
     # FT supports batch and sequential editing: all four kinds, except what the options skip
-    assert set(kinds) == {("ft-l", "counterfact"), ("ft-l", "batch"), ("ft-l", "zsre"), ("ft-l", "sequential"),
-                          ("ft-m", "counterfact"), ("ft-m", "zsre"), ("ft-m", "sequential")}
+    assert set(kinds) == {
+        ("ft-l", "counterfact"),
+        ("ft-l", "batch"),
+        ("ft-l", "zsre"),
+        ("ft-l", "sequential"),
+        ("ft-m", "counterfact"),
+        ("ft-m", "zsre"),
+        ("ft-m", "sequential"),
+    }
     assert kinds[("ft-l", "batch")].batch_size == 2 and kinds[("ft-l", "sequential")].sequential
     assert kinds[("ft-m", "zsre")].n == 2 and kinds[("ft-l", "zsre")].n == 3  # max_records caps
     assert kinds[("ft-l", "zsre")].fluency and not kinds[("ft-l", "counterfact")].fluency
@@ -87,7 +104,11 @@ def test_bench_tables_come_from_flags_and_jobs(bench_run, ft_plugin):
     t1 = {r["method"]: r for r in doc["table1"]}
     caps = ft_plugin.method("ft-l").capabilities()
     assert (t1["ft-l"]["batch"], t1["ft-l"]["sequential"], t1["ft-l"]["training"], t1["ft-l"]["edit_area"]) == (
-        caps["batch"], caps["sequential"], caps["training"], caps["edit_area"])
+        caps["batch"],
+        caps["sequential"],
+        caps["training"],
+        caps["edit_area"],
+    )
     assert t1["ft-l"]["version"] == "9.9" and t1["ft-l"]["s_10_edits"] > 0 and t1["ft-l"]["s_10_edits_batch"] > 0
     assert t1["ft-m"]["s_10_edits_batch"] is None  # skipped in the options
     t2 = {r["method"]: r for r in doc["table2"]}
@@ -169,7 +190,7 @@ def test_compare_reports_changes(bench_run, ft_plugin, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "differs: model_fingerprint" in out and "reliability" in out and "-0.250" in out
     assert compare(old, json.loads(json.dumps(old)))["changes"] == []
-    (tmp_path / "c.json").write_text("{\"x\": 1}")
+    (tmp_path / "c.json").write_text('{"x": 1}')
     assert main(["bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 1
     assert "not a bench JSON file" in capsys.readouterr().err
     assert load_document(tmp_path / "a.json")["schema"] == 1
@@ -182,8 +203,18 @@ def test_cli_bench_runs_jobs_in_child_processes(data, tmp_path, monkeypatch, cap
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text(json.dumps({**json.loads(config(data).model_dump_json()), "model": str(model_dir),
-                               "methods": ["ft-l"], "sequential_n": 2, "zsre_n": 2, "fluency": False}))
+    cfg.write_text(
+        json.dumps(
+            {
+                **json.loads(config(data).model_dump_json()),
+                "model": str(model_dir),
+                "methods": ["ft-l"],
+                "sequential_n": 2,
+                "zsre_n": 2,
+                "fluency": False,
+            }
+        )
+    )
     readme = tmp_path / "README.md"
     readme.write_text("<!-- kedit-bench:begin -->\n<!-- kedit-bench:end -->\n")
     monkeypatch.delenv("KEDIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)

@@ -36,7 +36,10 @@ def patch_file(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("patches") / "p.kedit.safetensors"
     hp = tmp_path_factory.mktemp("hp") / "ft.yaml"
     hp.write_text("layers: [1, 2]\nlr: 0.05\nnum_steps: 15\n")
-    assert main(["edit", "--method", "ft-m", "--model", str(model_dir), *EDIT, "--hparams", str(hp), "--out", str(out)]) == 0
+    assert (
+        main(["edit", "--method", "ft-m", "--model", str(model_dir), *EDIT, "--hparams", str(hp), "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -61,7 +64,21 @@ def test_edit_prints_before_after_and_writes_patch(patch_file, model_dir, capsys
 
 
 def test_edit_human_output(model_dir, tmp_path, capsys):
-    assert main(["edit", "--method", "ft-m", "--model", str(model_dir), *EDIT, "--out", str(tmp_path / "x.kedit.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "--method",
+                "ft-m",
+                "--model",
+                str(model_dir),
+                *EDIT,
+                "--out",
+                str(tmp_path / "x.kedit.safetensors"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "before:" in out and "after:" in out and "reliability" in out and "written to" in out
 
@@ -72,8 +89,21 @@ def test_unknown_method(model_dir, capsys):
 
 
 def test_subject_not_in_prompt(model_dir, tmp_path, capsys):
-    args = ["edit", "--method", "ft-m", "--model", str(model_dir), "--prompt", "The tower is in", "--subject", "Louvre",
-            "--target", "Rome", "--out", str(tmp_path / "p.kedit.safetensors")]
+    args = [
+        "edit",
+        "--method",
+        "ft-m",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "The tower is in",
+        "--subject",
+        "Louvre",
+        "--target",
+        "Rome",
+        "--out",
+        str(tmp_path / "p.kedit.safetensors"),
+    ]
     assert main(args) == 1
     assert "does not occur in prompt" in one_error_line(capsys)
     assert not (tmp_path / "p.kedit.safetensors").exists()
@@ -96,7 +126,20 @@ def test_wrong_data_field(model_dir, tmp_path, capsys):
 
 def test_patch_for_another_model_refused(patch_file, other_model_dir, capsys):
     before = state_fingerprint(tiny_model("llama", seed=7)[0])
-    assert main(["patch", "apply", str(patch_file), "--model", str(other_model_dir), "--save-to", str(other_model_dir / "edited")]) == 1
+    assert (
+        main(
+            [
+                "patch",
+                "apply",
+                str(patch_file),
+                "--model",
+                str(other_model_dir),
+                "--save-to",
+                str(other_model_dir / "edited"),
+            ]
+        )
+        == 1
+    )
     assert "computed on other weights" in one_error_line(capsys)
     assert not (other_model_dir / "edited").exists()
     from transformers import AutoModelForCausalLM
@@ -134,7 +177,7 @@ def test_apply_save_and_revert_from_file(patch_file, model_dir, tmp_path, capsys
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     import torch
 
-    for (n, a), (_, b) in zip(restored.state_dict().items(), original.state_dict().items()):
+    for (n, a), (_, b) in zip(restored.state_dict().items(), original.state_dict().items(), strict=False):
         assert torch.allclose(a, b, atol=1e-6), n
 
 
@@ -162,8 +205,25 @@ def test_revert_json_and_text_report_the_same_words_and_numbers(patch_file, mode
 def test_eval_json_report(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     monkeypatch.chdir(tmp_path)  # the shipped data set is found by name from any directory
-    assert main(["eval", "--method", "ft-m", "--model", str(model_dir), "--data", "zsre",
-                 "--limit", "3", "--sequential", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--method",
+                "ft-m",
+                "--model",
+                str(model_dir),
+                "--data",
+                "zsre",
+                "--limit",
+                "3",
+                "--sequential",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["n"] == 3 and report["sequential"] and len(report["per_request"]) == 3
     assert set(report["metrics"]) >= {"reliability", "generalization", "locality", "portability"}

@@ -51,19 +51,25 @@ def test_too_long_request_is_refused_before_any_edit(keep):
     before = state_fingerprint(ed.model)
     calls = failing_on_call(ed, 0, RuntimeError("never"))
     too_long = EditRequest(prompt=LONG, subject="The Eiffel Tower", target_new="Rome")
-    with pytest.raises(RequestError, match=r"^record 1: prompt \+ target 'Rome' is \d+ tokens, more than the "
-                                           r"model's 128 positions"):
+    with pytest.raises(
+        RequestError,
+        match=r"^record 1: prompt \+ target 'Rome' is \d+ tokens, more than the "
+        r"model's 128 positions",
+    ):
         ed.edit([tiny_requests()[0], too_long], sequential=True, keep_original_weight=keep)
     assert calls == []  # nothing was computed
     assert_pristine(ed, before)
 
 
-@pytest.mark.parametrize("field,update", [
-    ("rephrase_prompts[1]", {"rephrase_prompts": ("Where is it?", LONG)}),
-    ("locality[0]", {"locality": (Probe(prompt=LONG, target="Japan"),)}),
-    ("portability[0]", {"portability": (Probe(prompt=LONG, target="Italy"),)}),
-    ("neighborhood_prompts[0]", {"neighborhood_prompts": (LONG,)}),
-])
+@pytest.mark.parametrize(
+    "field,update",
+    [
+        ("rephrase_prompts[1]", {"rephrase_prompts": ("Where is it?", LONG)}),
+        ("locality[0]", {"locality": (Probe(prompt=LONG, target="Japan"),)}),
+        ("portability[0]", {"portability": (Probe(prompt=LONG, target="Italy"),)}),
+        ("neighborhood_prompts[0]", {"neighborhood_prompts": (LONG,)}),
+    ],
+)
 def test_too_long_probe_is_refused_with_record_index_and_field(field, update):
     ed = editor("llama")
     reqs = tiny_requests()
@@ -88,7 +94,9 @@ def test_failed_sequential_run_leaves_the_model_bit_identical(keep):
     ed = editor()
     before = state_fingerprint(ed.model)
     failing_on_call(ed, 2, IndexError("index out of range in self"))
-    with pytest.raises(EditError, match=r"^record 1: method 'ft-m' failed: IndexError: index out of range in self$") as err:
+    with pytest.raises(
+        EditError, match=r"^record 1: method 'ft-m' failed: IndexError: index out of range in self$"
+    ) as err:
         ed.edit(tiny_requests(), sequential=True, keep_original_weight=keep)
     assert isinstance(err.value.__cause__, IndexError)
     assert_pristine(ed, before)
@@ -146,8 +154,11 @@ def test_contradictory_requests_in_one_batch_are_refused_with_both_record_indice
     before = state_fingerprint(ed.model)
     a, b = tiny_requests()
     berlin = a.model_copy(update={"target_new": "Berlin", "prompt": a.prompt + "  "})
-    with pytest.raises(RequestError, match=r"^records 2 and 3 ask the same prompt .* \('Rome' and 'Berlin'\) in one batch; "
-                                           "edit them in separate batches or sequentially$"):
+    with pytest.raises(
+        RequestError,
+        match=r"^records 2 and 3 ask the same prompt .* \('Rome' and 'Berlin'\) in one batch; "
+        "edit them in separate batches or sequentially$",
+    ):
         ed.edit([a, b, a, berlin], batch_size=2, evaluate=False)
     assert_pristine(ed, before)
     ed.edit([a, berlin], sequential=True, batch_size=1, evaluate=False)  # one after the other: the later wins

@@ -23,7 +23,7 @@ def test_independent_edits_leave_model_unchanged(editor):
     assert state_fingerprint(editor.model) == before
     assert len(result.patches) == 2 and all(p.parent is None for p in result.patches)
     assert len(result.pre) == len(result.post) == 2 and result.post_final is None
-    assert all(r["reliability"] >= p["reliability"] for r, p in zip(result.post, result.pre))
+    assert all(r["reliability"] >= p["reliability"] for r, p in zip(result.post, result.pre, strict=False))
     assert len(result.edit_seconds) == 2 and result.peak_rss_mb > 0
 
 
@@ -79,7 +79,9 @@ def test_independent_multi_chunk_cannot_stay(editor):
 
 def test_report_contract(editor):
     report = editor.edit(tiny_requests()[:1]).to_report()
-    assert {"method", "model", "n", "metrics", "time_per_edit_s", "peak_rss_mb", "per_request", "protocols"} <= set(report)
+    assert {"method", "model", "n", "metrics", "time_per_edit_s", "peak_rss_mb", "per_request", "protocols"} <= set(
+        report
+    )
     assert report["n"] == 1 and set(report["per_request"][0]) >= {"pre", "post"}
     assert set(report["protocols"]) == set(report["metrics"])
 

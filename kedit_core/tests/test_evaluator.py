@@ -29,10 +29,14 @@ def test_ngram_entropy_hand_computed():
 def test_batched_scores_match_one_at_a_time_full_forward(family):
     model, tok = tiny_model(family)
     ev = Evaluator(model, tok, batch_size=3)
-    pairs = [("The Eiffel Tower is located in the city of", "Rome"), ("Toyota is a company headquartered in", "Japan"),
-             ("Michael Jordan plays", "the sport of basketball"), ("Paris", "is the capital of France")]
+    pairs = [
+        ("The Eiffel Tower is located in the city of", "Rome"),
+        ("Toyota is a company headquartered in", "Japan"),
+        ("Michael Jordan plays", "the sport of basketball"),
+        ("Paris", "is the capital of France"),
+    ]
     scores = ev.score_pairs(pairs)
-    for (prompt, target), s in zip(pairs, scores):
+    for (prompt, target), s in zip(pairs, scores, strict=False):
         p, t = split_prompt_target(tok, prompt, target)
         with torch.no_grad():
             logits = model(torch.tensor([p + t])).logits[0].float()
@@ -54,7 +58,14 @@ def test_metrics_definitions_on_tiny_model():
     assert m["reliability"] == rel.accuracy
     new, true = ev.score_pairs([(req.prompt, req.target_new), (req.prompt, req.ground_truth)])
     assert m["efficacy_score"] == float(new.mean_nll < true.mean_nll)
-    assert set(m) >= {"reliability", "generalization", "locality", "efficacy_score", "paraphrase_score", "neighborhood_score"}
+    assert set(m) >= {
+        "reliability",
+        "generalization",
+        "locality",
+        "efficacy_score",
+        "paraphrase_score",
+        "neighborhood_score",
+    }
 
 
 def test_locality_against_a_changed_reference():

@@ -31,16 +31,23 @@ def _run_cli_without_torch(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("args, rc, says", [
-    (["--help"], 0, "Commands:"),
-    (["methods"], 0, "rome"),
-    (["methods", "--json"], 0, '"ft-m"'),
-    (["edit", "--method", "no-such", *EDIT], 1, "unknown method 'no-such'"),
-    (["eval", "--method", "rome", "--data", "no-such.json"], 1, "data file not found"),
-    (["eval", "--method", "rome", "--data", "zsre", "--limit", "0"], 2, "--limit must be at least 1"),
-    (["edit", "--method", "rome", "--prompt", "a b", "--subject", "zz", "--target", "c"], 1, "does not occur in prompt"),
-    (["edit", "--method", "rome", *EDIT, "--dtype", "float8"], 1, "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "args, rc, says",
+    [
+        (["--help"], 0, "Commands:"),
+        (["methods"], 0, "rome"),
+        (["methods", "--json"], 0, '"ft-m"'),
+        (["edit", "--method", "no-such", *EDIT], 1, "unknown method 'no-such'"),
+        (["eval", "--method", "rome", "--data", "no-such.json"], 1, "data file not found"),
+        (["eval", "--method", "rome", "--data", "zsre", "--limit", "0"], 2, "--limit must be at least 1"),
+        (
+            ["edit", "--method", "rome", "--prompt", "a b", "--subject", "zz", "--target", "c"],
+            1,
+            "does not occur in prompt",
+        ),
+        (["edit", "--method", "rome", *EDIT, "--dtype", "float8"], 1, "unknown dtype"),
+    ],
+)
 def test_cli_answers_without_importing_torch(args, rc, says):
     done = _run_cli_without_torch(args)
     assert done.returncode == rc, (done.stdout, done.stderr)
@@ -103,8 +110,14 @@ def test_patch_for_other_weights_is_refused_before_the_model_loads(converted, tm
     hp = tmp_path / "ft.yaml"
     hp.write_text(HP)
     foreign, own = tmp_path / "foreign.kedit.safetensors", tmp_path / "own.kedit.safetensors"
-    assert main(["edit", "--method", "ft-m", "--model", str(other), *EDIT, "--hparams", str(hp), "--out", str(foreign)]) == 0
-    assert main(["edit", "--method", "ft-m", "--model", str(converted), *EDIT, "--hparams", str(hp), "--out", str(own)]) == 0
+    assert (
+        main(["edit", "--method", "ft-m", "--model", str(other), *EDIT, "--hparams", str(hp), "--out", str(foreign)])
+        == 0
+    )
+    assert (
+        main(["edit", "--method", "ft-m", "--model", str(converted), *EDIT, "--hparams", str(hp), "--out", str(own)])
+        == 0
+    )
     capsys.readouterr()
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
@@ -123,8 +136,12 @@ def test_edit_reports_where_the_time_went(tmp_path, capsys):
     hp = tmp_path / "ft.yaml"
     hp.write_text(HP)
     out = tmp_path / "p.kedit.safetensors"
-    assert main(["edit", "--method", "ft-m", "--model", str(path), *EDIT, "--hparams", str(hp), "--out", str(out),
-                 "--json"]) == 0
+    assert (
+        main(
+            ["edit", "--method", "ft-m", "--model", str(path), *EDIT, "--hparams", str(hp), "--out", str(out), "--json"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     t = report["time"]
     steps = [p["step"] for p in t["phases"]]

@@ -8,6 +8,7 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kedit_core.errors import HparamsError, KeditError, PatchError, RequestError
 from kedit_core.hookspecs import hookimpl
 from kedit_core.hparams import Hyperparams
@@ -21,8 +22,12 @@ FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(Health
 
 _MODEL = tiny_model("llama")[0]
 PARAM = "model.layers.1.mlp.down_proj.weight"
-_GOOD = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=_MODEL,
-                     tensors={f"delta/{PARAM}": torch.full_like(_MODEL.get_parameter(PARAM), 1e-3)})
+_GOOD = Patch.create(
+    method="t",
+    kind=PatchKind.WEIGHT_DELTA,
+    model=_MODEL,
+    tensors={f"delta/{PARAM}": torch.full_like(_MODEL.get_parameter(PARAM), 1e-3)},
+)
 
 
 def _good_bytes(tmp_path_factory=None) -> bytes:
@@ -36,7 +41,9 @@ def _good_bytes(tmp_path_factory=None) -> bytes:
 
 GOOD_BYTES = _good_bytes()
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
 
 
 def _load(tmp_path, data: bytes):
@@ -81,8 +88,15 @@ def test_patch_loader_bad_headers(tmp_path_factory, header):
 
 
 @FUZZ
-@given(meta=st.dictionaries(st.sampled_from(["format_version", "kind", "method", "patch_id", "base_model", "fingerprints",
-                                             "requests", "hparams"]), st.text(max_size=30), max_size=8))
+@given(
+    meta=st.dictionaries(
+        st.sampled_from(
+            ["format_version", "kind", "method", "patch_id", "base_model", "fingerprints", "requests", "hparams"]
+        ),
+        st.text(max_size=30),
+        max_size=8,
+    )
+)
 def test_patch_loader_bad_metadata(tmp_path_factory, meta):
     from safetensors.torch import save_file
 
@@ -95,8 +109,25 @@ def test_patch_loader_bad_metadata(tmp_path_factory, meta):
         assert str(exc)
 
 
-record_keys = st.sampled_from(["prompt", "subject", "target_new", "ground_truth", "src", "alt", "answers", "rephrase",
-                               "loc", "loc_ans", "requested_rewrite", "locality", "portability", "rephrase_prompts", "x"])
+record_keys = st.sampled_from(
+    [
+        "prompt",
+        "subject",
+        "target_new",
+        "ground_truth",
+        "src",
+        "alt",
+        "answers",
+        "rephrase",
+        "loc",
+        "loc_ans",
+        "requested_rewrite",
+        "locality",
+        "portability",
+        "rephrase_prompts",
+        "x",
+    ]
+)
 
 
 @FUZZ
@@ -255,8 +286,14 @@ class _ShiftPlugin:
 
 
 MLP_OUT = PARAM.removesuffix(".weight")
-_SHIFT = Patch.create(method="fuzz-shift", kind=PatchKind.MODULE_STATE, model=_MODEL, modules=[MLP_OUT],
-                      tensors={f"state/{MLP_OUT}/shift": torch.full((32,), 0.5)}, fingerprint_params=[PARAM])
+_SHIFT = Patch.create(
+    method="fuzz-shift",
+    kind=PatchKind.MODULE_STATE,
+    model=_MODEL,
+    modules=[MLP_OUT],
+    tensors={f"state/{MLP_OUT}/shift": torch.full((32,), 0.5)},
+    fingerprint_params=[PARAM],
+)
 MODULES = [n for n, _ in _MODEL.named_modules()]
 MLP_OUTS = {n for n in MODULES if n.endswith("mlp.down_proj")}
 
@@ -264,10 +301,15 @@ MLP_OUTS = {n for n in MODULES if n.endswith("mlp.down_proj")}
 @st.composite
 def wrong_targets(draw):
     """(modules, fingerprint params) a forger might write into the shift patch."""
-    module = draw(st.sampled_from([m for m in MODULES if m != MLP_OUT]) | st.text(max_size=12)
-                  | st.integers(4, 99).map(lambda i: f"model.layers.{i}.mlp.down_proj"))
+    module = draw(
+        st.sampled_from([m for m in MODULES if m != MLP_OUT])
+        | st.text(max_size=12)
+        | st.integers(4, 99).map(lambda i: f"model.layers.{i}.mlp.down_proj")
+    )
     params = [n for n in PARAMS if n.rpartition(".")[0] == module]
-    how = draw(st.sampled_from(["modules only", "consistent"] if params and module not in MLP_OUTS else ["modules only"]))
+    how = draw(
+        st.sampled_from(["modules only", "consistent"] if params and module not in MLP_OUTS else ["modules only"])
+    )
     modules = draw(st.sampled_from([[module], [MLP_OUT, module], [module, module]]))
     return modules, (params if how == "consistent" else [PARAM])
 
@@ -298,8 +340,12 @@ GPT2_PARAMS = [n for n, _ in _GPT2.named_parameters()]  # lists a tied tensor on
 
 
 @FUZZ_APPLY
-@given(names=st.permutations(TIED), extra=st.sampled_from([[], *[[n] for n in GPT2_PARAMS[1:6]]]),
-       scale=st.floats(1e-6, 4.0), by_hand=st.booleans())
+@given(
+    names=st.permutations(TIED),
+    extra=st.sampled_from([[], *[[n] for n in GPT2_PARAMS[1:6]]]),
+    scale=st.floats(1e-6, 4.0),
+    by_hand=st.booleans(),
+)
 def test_apply_refuses_patches_that_name_tied_weights(names, extra, scale, by_hand):
     before = state_fingerprint(_GPT2)
     deltas = {n: torch.full_like(_GPT2.get_parameter(n), scale) for n in [*names, *extra]}
@@ -309,8 +355,12 @@ def test_apply_refuses_patches_that_name_tied_weights(names, extra, scale, by_ha
             meta = {**_GOOD.metadata, "fingerprints": fps, "post_fingerprints": dict.fromkeys(deltas, "0" * 64)}
             _forge(Patch({f"delta/{n}": d for n, d in deltas.items()}, meta)).apply(_GPT2)
         else:
-            Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=_GPT2,
-                         tensors={f"delta/{n}": d for n, d in deltas.items()})
+            Patch.create(
+                method="t",
+                kind=PatchKind.WEIGHT_DELTA,
+                model=_GPT2,
+                tensors={f"delta/{n}": d for n, d in deltas.items()},
+            )
         raise AssertionError(f"accepted a patch naming tied weights {names}")
     except KeditError as exc:
         assert "share storage" in str(exc)
@@ -321,7 +371,11 @@ def test_apply_refuses_patches_that_name_tied_weights(names, extra, scale, by_ha
 @given(name=st.sampled_from(TIED), scale=st.floats(1e-6, 4.0))
 def test_apply_one_of_two_tied_weights_reverts_bit_exactly(name, scale):
     before = state_fingerprint(_GPT2)
-    patch = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=_GPT2,
-                         tensors={f"delta/{name}": torch.full_like(_GPT2.get_parameter(name), scale)})
+    patch = Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=_GPT2,
+        tensors={f"delta/{name}": torch.full_like(_GPT2.get_parameter(name), scale)},
+    )
     patch.apply(_GPT2).revert()
     assert state_fingerprint(_GPT2) == before

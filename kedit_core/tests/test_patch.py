@@ -2,6 +2,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+
 from kedit_core.errors import FingerprintMismatch, PatchError
 from kedit_core.method import EditMethod, PatchKind
 from kedit_core.patch import Patch, revert_all, stack, tensor_fingerprint
@@ -13,16 +14,25 @@ PARAM = "model.layers.1.mlp.down_proj.weight"
 def dense_patch(model, scale=0.01, param=PARAM, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = model.get_parameter(param)
-    return Patch.create(method="test", kind=PatchKind.WEIGHT_DELTA, model=model,
-                        tensors={f"delta/{param}": torch.randn(p.shape, generator=g) * scale},
-                        base_model={"id": "tiny"}, requests=[{"prompt": "a", "subject": "a", "target_new": "b"}])
+    return Patch.create(
+        method="test",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{param}": torch.randn(p.shape, generator=g) * scale},
+        base_model={"id": "tiny"},
+        requests=[{"prompt": "a", "subject": "a", "target_new": "b"}],
+    )
 
 
 def lowrank_patch(model, param=PARAM):
     p = model.get_parameter(param)
     a, b = torch.randn(p.shape[0], 1), torch.randn(1, p.shape[1])
-    return Patch.create(method="test", kind=PatchKind.WEIGHT_DELTA, model=model,
-                        tensors={f"lowrank/{param}/a": a, f"lowrank/{param}/b": b})
+    return Patch.create(
+        method="test",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"lowrank/{param}/a": a, f"lowrank/{param}/b": b},
+    )
 
 
 @pytest.fixture()
@@ -62,8 +72,12 @@ def test_apply_revert_bit_exact(dtype):
 
 def test_lifo_order_enforced(model):
     first = dense_patch(model, seed=1).apply(model)
-    second = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                          tensors={f"delta/{PARAM}": torch.ones_like(model.get_parameter(PARAM)) * 1e-3}).apply(model)
+    second = Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{PARAM}": torch.ones_like(model.get_parameter(PARAM)) * 1e-3},
+    ).apply(model)
     with pytest.raises(PatchError, match="last-in-first-out"):
         first.revert()
     assert stack(model) == [first, second]
@@ -76,8 +90,12 @@ def test_revert_all(model):
     before = state_fingerprint(model)
     p1 = dense_patch(model, seed=1)
     p1.apply(model)
-    Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                 tensors={f"delta/{PARAM}": torch.full_like(model.get_parameter(PARAM), 1e-3)}).apply(model)
+    Patch.create(
+        method="t",
+        kind=PatchKind.WEIGHT_DELTA,
+        model=model,
+        tensors={f"delta/{PARAM}": torch.full_like(model.get_parameter(PARAM), 1e-3)},
+    ).apply(model)
     assert revert_all(model) == 2 and state_fingerprint(model) == before
 
 
@@ -96,7 +114,9 @@ def test_shape_and_missing_param_refused(model):
     with pytest.raises(PatchError, match="which this model does not have"):
         patch.apply(gpt2)
     with pytest.raises(PatchError, match="shape"):
-        Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"delta/{PARAM}": torch.zeros(3, 3)})
+        Patch.create(
+            method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"delta/{PARAM}": torch.zeros(3, 3)}
+        )
     bad = Patch({f"delta/{PARAM}": torch.zeros(3, 3)}, {**patch.metadata, "post_fingerprints": {PARAM: "0" * 64}})
     bad.metadata["patch_id"] = bad.content_id()
     with pytest.raises(PatchError, match="shape"):
@@ -108,7 +128,9 @@ def test_non_finite_refused_before_any_write(model):
     ok = torch.zeros_like(model.get_parameter(p2)) + 1e-3
     inf = torch.zeros_like(model.get_parameter(PARAM))
     inf[0, 0] = float("inf")
-    patch = Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"delta/{p2}": ok, f"delta/{PARAM}": inf})
+    patch = Patch.create(
+        method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"delta/{p2}": ok, f"delta/{PARAM}": inf}
+    )
     before = state_fingerprint(model)
     with pytest.raises(PatchError, match="non-finite"):
         patch.apply(model)
@@ -176,13 +198,20 @@ def test_bad_names_and_lowrank_shapes(model):
     with pytest.raises(PatchError, match="bad tensor name"):
         Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={"weird": torch.zeros(1)})
     with pytest.raises(PatchError, match="lacks its b factor"):
-        Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"lowrank/{PARAM}/a": torch.zeros(2, 1)})
+        Patch.create(
+            method="t", kind=PatchKind.WEIGHT_DELTA, model=model, tensors={f"lowrank/{PARAM}/a": torch.zeros(2, 1)}
+        )
 
 
 def test_module_state_patch_needs_its_plugin(model):
-    patch = Patch.create(method="not-installed", kind=PatchKind.MODULE_STATE, model=model,
-                         tensors={"state/model.layers.1.mlp/keys": torch.zeros(2, 3)}, fingerprint_params=[PARAM],
-                         plugin="kedit-imaginary")
+    patch = Patch.create(
+        method="not-installed",
+        kind=PatchKind.MODULE_STATE,
+        model=model,
+        tensors={"state/model.layers.1.mlp/keys": torch.zeros(2, 3)},
+        fingerprint_params=[PARAM],
+        plugin="kedit-imaginary",
+    )
     before = state_fingerprint(model)
     with pytest.raises(PatchError, match="needs method 'not-installed' from kedit-imaginary"):
         patch.apply(model)
@@ -346,8 +375,12 @@ def test_patch_naming_tied_weights_is_refused_before_anything_changes():
     before = state_fingerprint(model)
     delta = torch.full_like(model.get_parameter(WTE), 0.25)
     with pytest.raises(PatchError, match="share storage"):
-        Patch.create(method="t", kind=PatchKind.WEIGHT_DELTA, model=model,
-                     tensors={f"delta/{WTE}": delta, f"delta/{HEAD}": delta.clone()})
+        Patch.create(
+            method="t",
+            kind=PatchKind.WEIGHT_DELTA,
+            model=model,
+            tensors={f"delta/{WTE}": delta, f"delta/{HEAD}": delta.clone()},
+        )
     assert state_fingerprint(model) == before
 
 
@@ -373,7 +406,6 @@ def test_patch_on_one_of_two_tied_weights_reverts_bit_exactly(param):
     assert state_fingerprint(model) != before
     handle.revert()
     assert state_fingerprint(model) == before
-
 
 
 # -- where module-state patches attach (issue 15, defect 4) ------------------------------------------------
@@ -429,8 +461,14 @@ MLP_OUT = "model.layers.1.mlp.down_proj"
 
 def module_patch(model, module=MLP_OUT, params=None, method="hook-test"):
     params = params if params is not None else [f"{module}.weight"]
-    return Patch.create(method=method, kind=PatchKind.MODULE_STATE, model=model, modules=[module],
-                        tensors={f"state/{module}/shift": torch.full((32,), 0.5)}, fingerprint_params=params)
+    return Patch.create(
+        method=method,
+        kind=PatchKind.MODULE_STATE,
+        model=model,
+        modules=[module],
+        tensors={f"state/{module}/shift": torch.full((32,), 0.5)},
+        fingerprint_params=params,
+    )
 
 
 def test_module_state_patch_attaches_to_its_module(model, hook_plugin):
@@ -438,8 +476,18 @@ def test_module_state_patch_attaches_to_its_module(model, hook_plugin):
         assert HookMethod.attached == [MLP_OUT]
 
 
-@pytest.mark.parametrize("target", ["model.layers.2.mlp.down_proj", "model.norm", "lm_head", "", "model.layers.1.mlp",
-                                    "model.layers.9.mlp.down_proj", "model.layers.1.mlp.down_proj.weight"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "model.layers.2.mlp.down_proj",
+        "model.norm",
+        "lm_head",
+        "",
+        "model.layers.1.mlp",
+        "model.layers.9.mlp.down_proj",
+        "model.layers.1.mlp.down_proj.weight",
+    ],
+)
 def test_module_state_patch_edited_to_another_module_is_refused(model, hook_plugin, target):
     genuine = module_patch(model)
     patch = forged(Patch({f"state/{target}/shift": torch.full((32,), 0.5)}, dict(genuine.metadata)), modules=[target])
@@ -458,8 +506,11 @@ def test_module_state_patch_must_wrap_exactly_the_modules_it_fingerprints(model,
     genuine = module_patch(model)
     fps = genuine.metadata["fingerprints"]
     moved = forged(genuine, fingerprints={other: tensor_fingerprint(model.get_parameter(other))})
-    for patch in (moved, forged(genuine, fingerprints={**fps, other: tensor_fingerprint(model.get_parameter(other))}),
-                  forged(genuine, modules=[MLP_OUT, MLP_OUT])):
+    for patch in (
+        moved,
+        forged(genuine, fingerprints={**fps, other: tensor_fingerprint(model.get_parameter(other))}),
+        forged(genuine, modules=[MLP_OUT, MLP_OUT]),
+    ):
         with pytest.raises(PatchError):
             patch.apply(model)
     assert HookMethod.attached == [] and stack(model) == []
@@ -473,8 +524,13 @@ def test_method_that_declares_no_wrapped_role_cannot_attach_module_state(model, 
 
 
 def test_memory_patch_that_wraps_nothing_still_applies(model, hook_plugin):
-    patch = Patch.create(method="memory-test", kind=PatchKind.MEMORY, model=model,
-                         tensors={"state/memory/keys": torch.zeros(2, 3)}, fingerprint_params=[PARAM])
+    patch = Patch.create(
+        method="memory-test",
+        kind=PatchKind.MEMORY,
+        model=model,
+        tensors={"state/memory/keys": torch.zeros(2, 3)},
+        fingerprint_params=[PARAM],
+    )
     with patch.applied(model):
         assert len(stack(model)) == 1
     assert stack(model) == []
@@ -494,8 +550,12 @@ def test_state_groups_read_back_what_the_edit_gave():
     from kedit_core.edit import Edit
 
     model, _ = tiny_model("llama")
-    edit = Edit(state={"model.layers.1.mlp.down_proj": {"keys": torch.ones(2, 3), "radii": torch.ones(2)},
-                       "memory": {"keys": torch.zeros(1, 4)}})
+    edit = Edit(
+        state={
+            "model.layers.1.mlp.down_proj": {"keys": torch.ones(2, 3), "radii": torch.ones(2)},
+            "memory": {"keys": torch.zeros(1, 4)},
+        }
+    )
     patch = Patch.create(method="t", kind=PatchKind.MEMORY, model=model, tensors=edit.tensors())
     groups = patch.state_groups()
     assert set(groups) == {"model.layers.1.mlp.down_proj", "memory"}

@@ -25,7 +25,9 @@ def make_module(name: str, **attrs) -> types.ModuleType:
 
 
 def fake_entry_points(monkeypatch, eps):
-    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group=None: [e for e in eps if e.group == group])
+    monkeypatch.setattr(
+        plugins.importlib.metadata, "entry_points", lambda group=None: [e for e in eps if e.group == group]
+    )
 
 
 def test_autoload_off_loads_only_builtins():
@@ -45,7 +47,7 @@ def test_environment_switch_disables_autoload(monkeypatch):
 def test_loading_is_lazy():
     reg = Registry(autoload=False)
     assert reg.plugins == {} and not reg._loaded
-    reg.method_class  # attribute access does nothing
+    _ = reg.method_class  # attribute access does nothing
     assert reg.plugins == {}
 
 
@@ -56,10 +58,13 @@ def test_broken_plugin_is_reported_and_skipped(monkeypatch):
 
     sys.modules["kedit_test_good_plugin"] = make_module("kedit_test_good_plugin", register_methods=register_methods)
     try:
-        fake_entry_points(monkeypatch, [
-            importlib.metadata.EntryPoint("bad", "kedit_test_no_such_module_xyz", "kedit"),
-            importlib.metadata.EntryPoint("good", "kedit_test_good_plugin", "kedit"),
-        ])
+        fake_entry_points(
+            monkeypatch,
+            [
+                importlib.metadata.EntryPoint("bad", "kedit_test_no_such_module_xyz", "kedit"),
+                importlib.metadata.EntryPoint("good", "kedit_test_good_plugin", "kedit"),
+            ],
+        )
         reg = Registry(autoload=True).load()
     finally:
         del sys.modules["kedit_test_good_plugin"]
@@ -89,7 +94,9 @@ def test_same_name_from_two_plugins_is_a_clash_that_hides_nothing():
     reg.add_plugin(make_module("one", register_methods=register_methods), name="one", package="pkg-one")
     reg.add_plugin(make_module("two", register_methods=register_methods), name="two", package="pkg-two")
     assert "dummy" not in reg.methods and [m.plugin.name for m in reg.clashes["dummy"]] == ["one", "two"]
-    with pytest.raises(PluginError, match=r"'dummy' is registered by pkg-one \(plugin one\) and pkg-two \(plugin two\)"):
+    with pytest.raises(
+        PluginError, match=r"'dummy' is registered by pkg-one \(plugin one\) and pkg-two \(plugin two\)"
+    ):
         reg.method_class("dummy")
     assert reg.lookup("pkg-two:dummy").plugin.name == "two" and reg.lookup("dummy", package="one").plugin.name == "one"
     with pytest.raises(UnknownMethod, match="provided by pkg-one:dummy, pkg-two:dummy"):
@@ -122,8 +129,13 @@ def hijack(monkeypatch):
         register(Impostor)
 
     sys.modules["kedit_test_impostor"] = make_module("kedit_test_impostor", register_methods=register_methods)
-    fake_entry_points(monkeypatch, [_dist_entry_point("evil", "kedit_test_impostor", "evil-pkg"),
-                                    _dist_entry_point("rome", "kedit_rome.plugin", "kedit-rome")])
+    fake_entry_points(
+        monkeypatch,
+        [
+            _dist_entry_point("evil", "kedit_test_impostor", "evil-pkg"),
+            _dist_entry_point("rome", "kedit_rome.plugin", "kedit-rome"),
+        ],
+    )
     yield
     del sys.modules["kedit_test_impostor"]
 
@@ -132,7 +144,10 @@ def test_a_plugin_claiming_a_taken_name_does_not_hijack_it(hijack):
     reg = Registry(autoload=True).load()
     assert {"memit", "pmet", "kn"} <= set(reg.methods) and reg.broken == []
     assert reg.method_class("memit").__name__ == "MEMIT"
-    with pytest.raises(PluginError, match=r"kedit-rome \(plugin rome\) and evil-pkg \(plugin evil\)|evil-pkg \(plugin evil\) and kedit-rome"):
+    with pytest.raises(
+        PluginError,
+        match=r"kedit-rome \(plugin rome\) and evil-pkg \(plugin evil\)|evil-pkg \(plugin evil\) and kedit-rome",
+    ):
         reg.method_class("rome")
     assert reg.method_class("kedit-rome:rome").__name__ == "ROME"
     assert reg.method_class("evil-pkg:rome") is Impostor
@@ -164,8 +179,13 @@ def test_two_packages_with_one_entry_point_name_both_load(monkeypatch):
 
     sys.modules["kedit_test_twin"] = make_module("kedit_test_twin", register_methods=register_methods)
     try:
-        fake_entry_points(monkeypatch, [_dist_entry_point("twin", "kedit_test_twin", "pkg-a"),
-                                        _dist_entry_point("twin", "kedit_rome.plugin", "pkg-b")])
+        fake_entry_points(
+            monkeypatch,
+            [
+                _dist_entry_point("twin", "kedit_test_twin", "pkg-a"),
+                _dist_entry_point("twin", "kedit_rome.plugin", "pkg-b"),
+            ],
+        )
         reg = Registry(autoload=True).load()
     finally:
         del sys.modules["kedit_test_twin"]

@@ -23,7 +23,12 @@ def test_zsre_real_file_with_portability(shipped_data):
     raw = json.loads((shipped_data / "zsre.json").read_text())
     assert len(reqs) == 837
     r, rec = reqs[3], raw[3]
-    assert (r.prompt, r.subject, r.target_new, r.ground_truth) == (rec["src"], rec["subject"], rec["alt"], rec["answers"][0])
+    assert (r.prompt, r.subject, r.target_new, r.ground_truth) == (
+        rec["src"],
+        rec["subject"],
+        rec["alt"],
+        rec["answers"][0],
+    )
     assert r.rephrase_prompts == (rec["rephrase"],)
     assert r.locality[0].prompt == rec["loc"] and r.locality[0].target == rec["loc_ans"]
     assert r.portability[0].prompt == rec["portability"]["New Question"]
@@ -58,9 +63,16 @@ def test_shipped_data_carries_its_license(shipped_data):
 
 def test_kedit_jsonl(tmp_path):
     p = tmp_path / "e.jsonl"
-    lines = [{"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy"},
-             {"prompt": "Rome is in", "subject": "Rome", "target_new": "Spain", "rephrase_prompts": ["Rome lies in"],
-              "locality": [{"prompt": "Berlin is in", "target": "Germany"}]}]
+    lines = [
+        {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy"},
+        {
+            "prompt": "Rome is in",
+            "subject": "Rome",
+            "target_new": "Spain",
+            "rephrase_prompts": ["Rome lies in"],
+            "locality": [{"prompt": "Berlin is in", "target": "Germany"}],
+        },
+    ]
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     reqs = load_requests(p)
     assert [r.target_new for r in reqs] == ["Italy", "Spain"] and reqs[1].locality[0].target == "Germany"

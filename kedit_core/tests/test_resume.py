@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kedit_core.editor import Editor
 from kedit_core.errors import KeditError
 from kedit_core.request import EditRequest
@@ -82,9 +83,21 @@ def test_a_directory_of_another_run_is_refused(tmp_path):
 
 
 def _eval_cmd(model_dir, data, run_dir, out):
-    return [str(Path(sys.executable).parent / "kedit"), "eval", "--method", "ft-m", "--model", str(model_dir), "--data",
-            str(data), "--sequential", "--hparams", str(data.parent / "hp.json"), "--json", str(out)] + (
-        ["--run-dir", str(run_dir)] if run_dir else [])
+    return [
+        str(Path(sys.executable).parent / "kedit"),
+        "eval",
+        "--method",
+        "ft-m",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--sequential",
+        "--hparams",
+        str(data.parent / "hp.json"),
+        "--json",
+        str(out),
+    ] + (["--run-dir", str(run_dir)] if run_dir else [])
 
 
 def test_kedit_eval_killed_mid_run_resumes(tmp_path):
@@ -97,8 +110,12 @@ def test_kedit_eval_killed_mid_run_resumes(tmp_path):
     (tmp_path / "hp.json").write_text(json.dumps({**HP, "num_steps": 25}))
     env = {k: v for k, v in os.environ.items() if k != "KEDIT_DISABLE_PLUGIN_AUTOLOAD"}
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_eval_cmd(tmp_path / "m", data, run_dir, tmp_path / "a.json"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _eval_cmd(tmp_path / "m", data, run_dir, tmp_path / "a.json"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     done = 0
     while time.time() < deadline and proc.poll() is None:
@@ -113,8 +130,9 @@ def test_kedit_eval_killed_mid_run_resumes(tmp_path):
     proc.wait()
     assert 2 <= done < len(reqs), "the run was not caught mid-way"
     assert not (tmp_path / "a.json").exists()
-    subprocess.run(_eval_cmd(tmp_path / "m", data, run_dir, tmp_path / "a.json"), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _eval_cmd(tmp_path / "m", data, run_dir, tmp_path / "a.json"), env=env, check=True, capture_output=True
+    )
     resumed = json.loads((tmp_path / "a.json").read_text())
     from kedit_core.models import load_model
 
@@ -149,8 +167,11 @@ def test_two_runs_on_one_directory_the_second_fails_at_once(tmp_path):
     from kedit_core.runstate import RunState
 
     with RunState(tmp_path, {}).locked():
-        with pytest.raises(RunLocked, match=rf"^{tmp_path} is in use by another run \(process {os.getpid()} holds "
-                                            rf"{tmp_path / 'run.lock'}\); wait for it to end or use another run directory$"):
+        with pytest.raises(
+            RunLocked,
+            match=rf"^{tmp_path} is in use by another run \(process {os.getpid()} holds "
+            rf"{tmp_path / 'run.lock'}\); wait for it to end or use another run directory$",
+        ):
             with RunState(tmp_path, {}).locked():
                 pass
     with RunState(tmp_path, {}).locked():  # released when the first run ended

@@ -26,11 +26,15 @@ def test_encode_pairs_positions():
     enc = encode_pairs(tok, ["Toyota is a company headquartered in", "Paris is in"], ["Japan", "France"])
     rows, cols = enc.target_positions()
     flat = enc.flat_targets()
-    for r, c, t in zip(rows.tolist(), cols.tolist(), flat.tolist()):
+    for r, c, t in zip(rows.tolist(), cols.tolist(), flat.tolist(), strict=False):
         assert enc.input_ids[r, c + 1].item() == t  # the logit at c predicts the token at c+1
-    assert enc.attention_mask.sum(1).tolist() == [len(p) + len(t) for p, t in
-                                                  (split_prompt_target(tok, a, b) for a, b in
-                                                   [("Toyota is a company headquartered in", "Japan"), ("Paris is in", "France")])]
+    assert enc.attention_mask.sum(1).tolist() == [
+        len(p) + len(t)
+        for p, t in (
+            split_prompt_target(tok, a, b)
+            for a, b in [("Toyota is a company headquartered in", "Japan"), ("Paris is in", "France")]
+        )
+    ]
 
 
 @pytest.mark.parametrize("style", ["byte", "sentencepiece"])
@@ -40,7 +44,7 @@ def test_subject_last_token(style):
     i = subject_last_token(tok, prompt, "Danielle Darrieux")
     ids = tok(prompt)["input_ids"]
     assert tok.decode(ids[: i + 1]).replace("<bos>", "").strip().endswith("Darrieux")
-    assert not tok.decode(ids[: i]).strip().endswith("Darrieux")
+    assert not tok.decode(ids[:i]).strip().endswith("Darrieux")
 
 
 @pytest.mark.real_model

@@ -12,8 +12,7 @@ from kedit_core.errors import KeditError
 from kedit_core.ops.logits import final_hidden, head_logits
 from kedit_core.ops.tokens import encode_pairs
 from kedit_core.testing import tiny_model, tiny_requests
-from kedit_core.trainer import (BaseTrainer, TrainingHyperparams, load_checkpoint, locality_kl,
-                                split_validation)
+from kedit_core.trainer import BaseTrainer, TrainingHyperparams, load_checkpoint, locality_kl, split_validation
 
 
 class AdapterTrainer(BaseTrainer):

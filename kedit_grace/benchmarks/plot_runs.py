@@ -1,6 +1,6 @@
 """Plot sequential-editing reports (JSON written by ``sequential_zsre.py`` or ``kedit eval --json``).
 
-    python kedit_grace/benchmarks/plot_runs.py out.png GRACE=grace_zsre.json MELO=melo_zsre.json
+python kedit_grace/benchmarks/plot_runs.py out.png GRACE=grace_zsre.json MELO=melo_zsre.json
 """
 
 from __future__ import annotations

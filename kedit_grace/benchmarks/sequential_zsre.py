@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kedit_core.editor import Editor
 from kedit_core.request import load_requests
 
@@ -42,10 +43,20 @@ def main() -> None:
     def progress(done: int, result) -> None:
         if done % 25 == 0:
             post = result.metrics("post")
-            logging.info("%d edits, %.2f s/edit, rss %.0f MB, after-each %s", done, sum(result.edit_seconds) / done,
-                         result.rss_mb_curve[-1][1], {k: round(v, 3) for k, v in post.items()})
-            partial = {"n_done": done, "metrics_after_each": post, "post": result.post,
-                       "edit_seconds": result.edit_seconds, "rss_mb_curve": result.rss_mb_curve}
+            logging.info(
+                "%d edits, %.2f s/edit, rss %.0f MB, after-each %s",
+                done,
+                sum(result.edit_seconds) / done,
+                result.rss_mb_curve[-1][1],
+                {k: round(v, 3) for k, v in post.items()},
+            )
+            partial = {
+                "n_done": done,
+                "metrics_after_each": post,
+                "post": result.post,
+                "edit_seconds": result.edit_seconds,
+                "rss_mb_curve": result.rss_mb_curve,
+            }
             out.with_suffix(".partial.json").write_text(json.dumps(partial))
 
     result = editor.edit(requests, sequential=True, keep_original_weight=False, on_chunk=progress)
@@ -53,9 +64,12 @@ def main() -> None:
     report["wall_s"] = time.perf_counter() - t0
     report["hparams"] = editor.hparams.to_dict()
     final = result.patches[-1]
-    report["final_patch"] = {"id": final.patch_id, "bytes": final.nbytes(),
-                             "tensors": {k: list(v.shape) for k, v in final.tensors.items()},
-                             "extra": {k: v for k, v in final.metadata["extra"].items() if k not in ("labels", "members")}}
+    report["final_patch"] = {
+        "id": final.patch_id,
+        "bytes": final.nbytes(),
+        "tensors": {k: list(v.shape) for k, v in final.tensors.items()},
+        "extra": {k: v for k, v in final.metadata["extra"].items() if k not in ("labels", "members")},
+    }
     report["post_final_rows"] = result.post_final
     report["post_rows"] = result.post
     report["edit_seconds"] = result.edit_seconds

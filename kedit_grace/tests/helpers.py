@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import torch
+
 from kedit_core.ops.tokens import encode_pairs
 from kedit_core.request import EditRequest
 from kedit_core.testing import tiny_requests
 
 TINY_HPARAMS = {
     "grace": {"layer": 2, "eps_init": 0.01, "lr": 0.5, "max_steps": 8, "stop_loss": 0.0},
-    "melo": {"router_layer": 2, "lora_layers": [2, 3], "lr": 0.05, "max_steps": 8, "radius": 0.03,
-             "cluster_radius": 0.0, "stop_loss": 0.0},
+    "melo": {
+        "router_layer": 2,
+        "lora_layers": [2, 3],
+        "lr": 0.05,
+        "max_steps": 8,
+        "radius": 0.03,
+        "cluster_radius": 0.0,
+        "stop_loss": 0.0,
+    },
 }
 
 
 def three_requests() -> list[EditRequest]:
-    extra = EditRequest(prompt="Lionel Messi plays football for", subject="Lionel Messi", target_new="Japan",
-                        ground_truth="Argentina", locality=({"prompt": "Mount Fuji is the highest mountain in", "target": "Japan"},))
+    extra = EditRequest(
+        prompt="Lionel Messi plays football for",
+        subject="Lionel Messi",
+        target_new="Japan",
+        ground_truth="Argentina",
+        locality=({"prompt": "Mount Fuji is the highest mountain in", "target": "Japan"},),
+    )
     return [*tiny_requests(), extra]
 
 

@@ -1,6 +1,7 @@
 """The deferral mechanism shared by GRACE and MELO, and GRACE's codebook rules."""
 
 import torch
+
 from kedit_grace.codebook import Growable, TailCache, route
 from kedit_grace.grace.codebook_update import update_codebook
 

@@ -1,6 +1,7 @@
 """kedit's plugin contract for GRACE and MELO (tiny gpt2 / llama / gemma3 models)."""
 
 from helpers import TINY_HPARAMS
+
 from kedit_core.testing import MethodConformance
 
 

@@ -4,6 +4,7 @@ checked by the conformance suite (layer_hparams)."""
 
 import pytest
 from helpers import TINY_HPARAMS
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.errors import HparamsError
 from kedit_core.method import EditContext
@@ -15,13 +16,22 @@ def melo_patch(hparams, tmp_path):
     model, tok = tiny_model("llama")
     melo = MELO()
     hp = melo.load_hparams({**TINY_HPARAMS["melo"], **hparams})
-    return melo.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model),
-                              EditContext(model_id="tiny", cache_dir=tmp_path))
+    return melo.compute_patch(
+        model,
+        tok,
+        tiny_requests()[:1],
+        hp,
+        resolve_architecture(model),
+        EditContext(model_id="tiny", cache_dir=tmp_path),
+    )
 
 
 def test_router_layer_out_of_range_is_refused_not_wrapped(tmp_path):
-    with pytest.raises(HparamsError, match=r"^hyperparameter 'router_layer': layer 6 is out of range for this "
-                                           r"model's 4 layers \(valid: 0\.\.3"):
+    with pytest.raises(
+        HparamsError,
+        match=r"^hyperparameter 'router_layer': layer 6 is out of range for this "
+        r"model's 4 layers \(valid: 0\.\.3",
+    ):
         melo_patch({"router_layer": 6, "lora_layers": [6]}, tmp_path)
 
 

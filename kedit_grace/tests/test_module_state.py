@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TINY_HPARAMS, UNRELATED, logits, three_requests
+
 from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.editor import Editor
 from kedit_core.errors import PatchError
@@ -94,13 +95,23 @@ def test_compute_patch_leaves_an_applied_wrapper_in_place(registry, name):
 def test_attach_validates_before_touching_the_model(registry, name):
     model, tok = tiny_model("gemma3")
     method = registry.method(name)
-    patch = method.compute_patch(model, tok, three_requests()[:1], method.load_hparams(TINY_HPARAMS[name]),
-                                 resolve_architecture(model), EditContext())
+    patch = method.compute_patch(
+        model,
+        tok,
+        three_requests()[:1],
+        method.load_hparams(TINY_HPARAMS[name]),
+        resolve_architecture(model),
+        EditContext(),
+    )
     modules = {p: get_module(model, p) for p in wrapped_paths(patch)}
-    dropped = Patch({k: v for k, v in patch.tensors.items() if not k.endswith(("/radii", "/lora_b"))}, dict(patch.metadata))
+    dropped = Patch(
+        {k: v for k, v in patch.tensors.items() if not k.endswith(("/radii", "/lora_b"))}, dict(patch.metadata)
+    )
     dropped.metadata["patch_id"] = dropped.content_id()
-    bad_shape = Patch({k: (v[..., :-1] if k.endswith(("/keys", "/lora_a")) else v) for k, v in patch.tensors.items()},
-                      dict(patch.metadata))
+    bad_shape = Patch(
+        {k: (v[..., :-1] if k.endswith(("/keys", "/lora_a")) else v) for k, v in patch.tensors.items()},
+        dict(patch.metadata),
+    )
     bad_shape.metadata["patch_id"] = bad_shape.content_id()
     for broken in (dropped, bad_shape):
         with pytest.raises(PatchError):
@@ -155,6 +166,7 @@ class _Interrupted(Exception):
 def test_interrupted_sequential_run_resumes_from_its_newest_patch(registry, name, tmp_path):
     """A resumable run keeps only the newest patch (each carries the whole state) and ends where an
     uninterrupted run ends."""
+
     def run(**kw):
         model, tok = tiny_model("llama")
         editor = Editor(registry.method(name), model, tok, hparams=TINY_HPARAMS[name])
@@ -223,15 +235,32 @@ def test_patch_edited_to_wrap_another_module_is_refused(registry, name):
 
     model, tok = tiny_model("llama")
     method = registry.method(name)
-    patch = method.compute_patch(model, tok, three_requests()[:1], method.load_hparams(TINY_HPARAMS[name]),
-                                 resolve_architecture(model), EditContext())
+    patch = method.compute_patch(
+        model,
+        tok,
+        three_requests()[:1],
+        method.load_hparams(TINY_HPARAMS[name]),
+        resolve_architecture(model),
+        EditContext(),
+    )
     modules, before, n_hooks = dict(model.named_modules()), logits(model, tok), hooks(model)
     old = wrapped_paths(patch)[0]
-    forgeries = [moved(patch, old, new) for new in
-                 ("model.layers.0.mlp.down_proj", "model.norm", "lm_head", "", "model.layers.2.mlp", "model.layers.7.mlp.down_proj")]
+    forgeries = [
+        moved(patch, old, new)
+        for new in (
+            "model.layers.0.mlp.down_proj",
+            "model.norm",
+            "lm_head",
+            "",
+            "model.layers.2.mlp",
+            "model.layers.7.mlp.down_proj",
+        )
+    ]
     if name == "melo":
         router = patch.metadata["extra"]["router"]
-        forgeries += [moved(patch, router, new, router=new) for new in ("model.norm", "lm_head", "model.layers.3.mlp.down_proj")]
+        forgeries += [
+            moved(patch, router, new, router=new) for new in ("model.norm", "lm_head", "model.layers.3.mlp.down_proj")
+        ]
     for forged in forgeries:
         with pytest.raises(PatchError, match="wrap|route"):
             forged.apply(model)

@@ -9,7 +9,10 @@ def fake_result() -> EditResult:
     reqs = tiny_requests()
     result = EditResult("grace", "tiny", reqs, [], sequential=True)
     result.post = [{"reliability": 1.0, "locality": 1.0}, {"reliability": 0.0, "generalization": 0.5, "locality": 0.5}]
-    result.post_final = [{"reliability": 1.0, "locality": 1.0}, {"reliability": 1.0, "generalization": 1.0, "locality": 0.0}]
+    result.post_final = [
+        {"reliability": 1.0, "locality": 1.0},
+        {"reliability": 1.0, "generalization": 1.0, "locality": 0.0},
+    ]
     return result
 
 

@@ -4,6 +4,7 @@ each edit and on the final model; the final patch alone reproduces the edited mo
 from __future__ import annotations
 
 import pytest
+
 from kedit_core.editor import Editor
 from kedit_core.evaluate import Evaluator
 from kedit_core.patch import Patch
@@ -33,7 +34,9 @@ def runs(gemma, requests_, tmp_path_factory):
     for name in ("grace", "melo"):
         editor = Editor(name, model, tok, model_info=info)
         result = editor.edit(requests_, sequential=True, keep_original_weight=False)
-        pairs = [(r.prompt, r.target_new) for r in requests_] + [(p.prompt, p.target) for r in requests_ for p in r.locality]
+        pairs = [(r.prompt, r.target_new) for r in requests_] + [
+            (p.prompt, p.target) for r in requests_ for p in r.locality
+        ]
         edited = Evaluator(model, tok).score_pairs(pairs)
         path = result.patches[-1].save(tmp_path_factory.mktemp(name) / "final.kedit.safetensors")
         editor.restore(result)

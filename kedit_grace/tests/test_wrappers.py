@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
+
 from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.ops.tokens import encode_pairs, encode_prompts
 from kedit_core.testing import tiny_model
 from kedit_grace.grace.adaptor import GraceAdaptor
+from kedit_grace.keys import last_token_input
 from kedit_grace.melo.lora import MeloLoRA
 from kedit_grace.melo.router import MeloRouter
-from kedit_grace.keys import last_token_input
 from kedit_grace.wrapping import install
 
 PROMPT, TARGET = "The Eiffel Tower is located in the city of", "Rome"
@@ -96,8 +97,14 @@ def test_wrapper_keeps_parameter_paths_and_follows_device_moves():
     path = arch.layer_path(1, arch.mlp_out)
     layer = get_module(model, path)
     names = [n for n, _ in model.named_parameters()]
-    adaptor = GraceAdaptor(layer, torch.zeros(1, layer.weight.shape[1]), torch.zeros(1, layer.weight.shape[0]),
-                           torch.ones(1), ["x"], "euclidean")
+    adaptor = GraceAdaptor(
+        layer,
+        torch.zeros(1, layer.weight.shape[1]),
+        torch.zeros(1, layer.weight.shape[0]),
+        torch.ones(1),
+        ["x"],
+        "euclidean",
+    )
     uninstall = install(model, {path: adaptor})
     try:
         assert [n for n, _ in model.named_parameters()] == names
@@ -125,12 +132,18 @@ def test_grace_hit_keeps_answering_during_cached_generation():
     handle = adaptor.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
     try:
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
+            )
         far_ids, far_mask, _ = encode_prompts(tok, [FAR])
         with torch.no_grad():
-            model.generate(input_ids=far_ids, attention_mask=far_mask, max_new_tokens=2, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=far_ids,
+                attention_mask=far_mask,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
     finally:
         handle.remove()
         uninstall()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.datasets import data_dir
 from kedit_core.method import EditContext
@@ -51,12 +52,23 @@ def main() -> None:
     if args.max_steps:
         changes["max_steps"] = args.max_steps
     hp = hp.updated(**changes) if changes else hp
-    ctx = EditContext(model_id=info.id, model_fingerprint=model_fingerprint(model), cache_dir=cache_dir(), progress=True)
-    trainer = method.trainer(model, tok, hp, resolve_architecture(model), ctx, train=train, val=val, out_dir=Path(args.out))
+    ctx = EditContext(
+        model_id=info.id, model_fingerprint=model_fingerprint(model), cache_dir=cache_dir(), progress=True
+    )
+    trainer = method.trainer(
+        model, tok, hp, resolve_architecture(model), ctx, train=train, val=val, out_dir=Path(args.out)
+    )
     t0 = time.perf_counter()
     result = trainer.run()
-    report = {"method": args.method, "model": info.id, "n_train": len(train), "n_val": len(val), "hparams": hp.to_dict(),
-              "wall_s": round(time.perf_counter() - t0, 1), **result.as_dict()}
+    report = {
+        "method": args.method,
+        "model": info.id,
+        "n_train": len(train),
+        "n_val": len(val),
+        "hparams": hp.to_dict(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **result.as_dict(),
+    }
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
     print(json.dumps(result.history[-3:], indent=1))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kedit_core.datasets import data_dir
 from kedit_core.editor import Editor
 from kedit_core.models import load_model
@@ -38,8 +39,19 @@ def main() -> None:
         report = result.to_report()
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         (out / f"{method}-zsre{n}-bs{bs}.json").write_text(json.dumps(report, indent=1))
-        print(method, n, bs, {k: round(v, 3) for k, v in report["metrics"].items()}, "s/edit",
-              round(report["time_per_edit_s"], 3), "peak_rss_mb", round(report["peak_rss_mb"]), "wall", report["wall_s"], flush=True)
+        print(
+            method,
+            n,
+            bs,
+            {k: round(v, 3) for k, v in report["metrics"].items()},
+            "s/edit",
+            round(report["time_per_edit_s"], 3),
+            "peak_rss_mb",
+            round(report["peak_rss_mb"]),
+            "wall",
+            report["wall_s"],
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

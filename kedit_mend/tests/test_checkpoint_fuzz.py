@@ -27,18 +27,23 @@ from kedit_mend.mend import MEND
 
 N = int(os.environ.get("KEDIT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck))
-REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                      target_new="Rome")
+REQUEST = EditRequest(
+    prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome"
+)
 HP = {"layers": [2, 3], "rank": 4}
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
 json_values = st.recursive(
-    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-    max_leaves=12)
-CONFIG_KEYS = st.sampled_from(["kind", "params", "shapes", "rank", "n_layers", "edit_lr", "seed", "base_model",
-                               "extra"])
-PARAMS = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)] + ["model.embed_tokens.weight", "lm_head.weight",
-                                                                          "x"]
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
+CONFIG_KEYS = st.sampled_from(
+    ["kind", "params", "shapes", "rank", "n_layers", "edit_lr", "seed", "base_model", "extra"]
+)
+PARAMS = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)] + [
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "x",
+]
 
 
 class Setup:
@@ -130,8 +135,11 @@ def test_checkpoint_random_config_file(tmp_path_factory, text):
 
 
 @FUZZ
-@given(changes=st.dictionaries(CONFIG_KEYS, json_values | st.lists(st.sampled_from(PARAMS), max_size=3), max_size=3),
-       dropped=st.sets(CONFIG_KEYS, max_size=2), shape=st.none() | json_values)
+@given(
+    changes=st.dictionaries(CONFIG_KEYS, json_values | st.lists(st.sampled_from(PARAMS), max_size=3), max_size=3),
+    dropped=st.sets(CONFIG_KEYS, max_size=2),
+    shape=st.none() | json_values,
+)
 def test_checkpoint_mutated_config(tmp_path_factory, changes, dropped, shape):
     config = {k: v for k, v in S.meta["config"].items() if k not in dropped}
     config.update(changes)

@@ -24,10 +24,13 @@ from kedit_mend.hypernetwork import KENetwork
 from kedit_mend.ke import KE
 from kedit_mend.mend import MEND
 
-HP = {"mend": {"layers": [2, 3], "rank": 8},
-      "ke": {"layers": [2, 3], "lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8}}
-REQUEST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                      target_new="Rome")
+HP = {
+    "mend": {"layers": [2, 3], "rank": 8},
+    "ke": {"layers": [2, 3], "lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8},
+}
+REQUEST = EditRequest(
+    prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome"
+)
 METHODS = {"mend": MEND, "ke": KE}
 
 
@@ -119,6 +122,7 @@ def _retensor(change):
         tensors = tensors_of(ckpt)
         change(tensors)
         save_tensors(tensors, ckpt / MODEL_FILE)
+
     return apply
 
 
@@ -141,7 +145,8 @@ MALFORMED = {
     "params a string": _config(lambda m: m["config"].update(params="model.layers.2.mlp.down_proj.weight")),
     "base_model a string": _config(lambda m: m["config"].update(base_model="gemma")),
     "a shape with a newline (found by the fuzz test)": _config(
-        lambda m: m["config"]["shapes"].update({m["config"]["params"][0]: "[32,\n64]"})),
+        lambda m: m["config"]["shapes"].update({m["config"]["params"][0]: "[32,\n64]"})
+    ),
     "rank disagrees with the tensors": _config(lambda m: m["config"].update(rank=4)),
     "rank a string": _config(lambda m: m["config"].update(rank="eight")),
     "edit_lr negative": _config(lambda m: m["config"].update(edit_lr=-1.0)),
@@ -234,10 +239,30 @@ def test_kedit_edit_reports_a_malformed_checkpoint_in_one_line(llama, tmp_path, 
     (ckpt / CONFIG_FILE).write_text("{oops")
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({"method": "mend", **HP["mend"]}))
-    rc = main(["edit", "--method", "mend", "--model", str(tmp_path / "model"), "--hparams", str(hp),
-               "--checkpoint", str(ckpt), "--prompt", REQUEST.prompt, "--subject", REQUEST.subject,
-               "--target", REQUEST.target_new, "--out", str(tmp_path / "e.kedit.safetensors")])
+    rc = main(
+        [
+            "edit",
+            "--method",
+            "mend",
+            "--model",
+            str(tmp_path / "model"),
+            "--hparams",
+            str(hp),
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            REQUEST.prompt,
+            "--subject",
+            REQUEST.subject,
+            "--target",
+            REQUEST.target_new,
+            "--out",
+            str(tmp_path / "e.kedit.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and not (tmp_path / "e.kedit.safetensors").exists()
-    assert err[-1] == f"kedit: error: {ckpt / CONFIG_FILE}: not valid JSON (Expecting property name enclosed in " \
-                      "double quotes: line 1 column 2 (char 1))", err
+    assert (
+        err[-1] == f"kedit: error: {ckpt / CONFIG_FILE}: not valid JSON (Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1))"
+    ), err

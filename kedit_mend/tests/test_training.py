@@ -34,21 +34,41 @@ LOCALITY = [("Berlin is the capital of", "Germany"), ("The Louvre is a museum in
 
 
 def records() -> list[EditRequest]:
-    return [EditRequest(prompt=p, subject=s, target_new=t, rephrase_prompts=(f"In short, {p[0].lower()}{p[1:]}",),
-                        locality=({"prompt": LOCALITY[i % 2][0], "target": LOCALITY[i % 2][1]},))
-            for i, (p, s, t) in enumerate(FACTS)]
+    return [
+        EditRequest(
+            prompt=p,
+            subject=s,
+            target_new=t,
+            rephrase_prompts=(f"In short, {p[0].lower()}{p[1:]}",),
+            locality=({"prompt": LOCALITY[i % 2][0], "target": LOCALITY[i % 2][1]},),
+        )
+        for i, (p, s, t) in enumerate(FACTS)
+    ]
 
 
-TRAIN = {"layers": [2, 3], "max_steps": 12, "train_batch_size": 4, "val_every": 4, "checkpoint_every": 4,
-         "learning_rate": 1e-2, "edit_lr": 0.05, "patience": 10}
-SMALL = {"mend": {"rank": 8}, "ke": {"lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8, "edit_lr": 1.0, "learning_rate": 3e-2}}
+TRAIN = {
+    "layers": [2, 3],
+    "max_steps": 12,
+    "train_batch_size": 4,
+    "val_every": 4,
+    "checkpoint_every": 4,
+    "learning_rate": 1e-2,
+    "edit_lr": 0.05,
+    "patience": 10,
+}
+SMALL = {
+    "mend": {"rank": 8},
+    "ke": {"lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8, "edit_lr": 1.0, "learning_rate": 3e-2},
+}
 
 
 def make_trainer(method, model, tok, out_dir, **changes):
     hp = method.load_hparams({**TRAIN, **SMALL[method.name], **changes})
     ctx = EditContext(progress=False)
     reqs = records()
-    return method.trainer(model, tok, hp, resolve_architecture(model), ctx, train=reqs[:6], val=reqs[6:], out_dir=out_dir), hp
+    return method.trainer(
+        model, tok, hp, resolve_architecture(model), ctx, train=reqs[:6], val=reqs[6:], out_dir=out_dir
+    ), hp
 
 
 @pytest.mark.parametrize("method", [MEND(), KE()], ids=["mend", "ke"])
@@ -94,11 +114,18 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path):
     trainer.run()
     other, other_tok = tiny_model("gpt2")
     with pytest.raises(KeditError, match="trained for"):
-        MEND().compute_patch(other, other_tok, records()[:1], hp, resolve_architecture(other),
-                             EditContext(checkpoint=tmp_path / "ckpt"))
+        MEND().compute_patch(
+            other, other_tok, records()[:1], hp, resolve_architecture(other), EditContext(checkpoint=tmp_path / "ckpt")
+        )
     with pytest.raises(KeditError, match="not a 'ke' editor"):
-        KE().compute_patch(model, tok, records()[:1], KE().load_hparams({"layers": [2, 3]}), resolve_architecture(model),
-                           EditContext(checkpoint=tmp_path / "ckpt"))
+        KE().compute_patch(
+            model,
+            tok,
+            records()[:1],
+            KE().load_hparams({"layers": [2, 3]}),
+            resolve_architecture(model),
+            EditContext(checkpoint=tmp_path / "ckpt"),
+        )
 
 
 def test_kedit_train_then_edit_with_the_checkpoint(tmp_path, capsys):
@@ -110,14 +137,55 @@ def test_kedit_train_then_edit_with_the_checkpoint(tmp_path, capsys):
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({"method": "mend", **TRAIN, "rank": 8}))
     out = tmp_path / "ckpt"
-    assert main(["train", "--method", "mend", "--model", str(tmp_path / "model"), "--data", str(data),
-                 "--hparams", str(hp), "--out", str(out), "--max-steps", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "mend",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(data),
+                "--hparams",
+                str(hp),
+                "--out",
+                str(out),
+                "--max-steps",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 3 and (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     patch_file = tmp_path / "edit.kedit.safetensors"
-    assert main(["edit", "--method", "mend", "--model", str(tmp_path / "model"), "--hparams", str(hp),
-                 "--checkpoint", str(out), "--prompt", FACTS[0][0], "--subject", FACTS[0][1], "--target", FACTS[0][2],
-                 "--out", str(patch_file), "--json"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "--method",
+                "mend",
+                "--model",
+                str(tmp_path / "model"),
+                "--hparams",
+                str(hp),
+                "--checkpoint",
+                str(out),
+                "--prompt",
+                FACTS[0][0],
+                "--subject",
+                FACTS[0][1],
+                "--target",
+                FACTS[0][2],
+                "--out",
+                str(patch_file),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert patch_file.is_file()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kedit_core.architecture import get_parameter, resolve_architecture
 from kedit_core.method import EditContext
 from kedit_core.ops.logits import final_hidden, head_logits
@@ -37,6 +38,7 @@ def _prob(model, ids, answer, layer=None, arch=None, scale=None):
     """P(answer) with the layer's down-projection input at the last position scaled by ``scale``."""
     handle = None
     if layer is not None:
+
         def hook(module, inputs):
             h = inputs[0].clone()
             h[:, -1] = h[:, -1] * scale
@@ -46,7 +48,9 @@ def _prob(model, ids, answer, layer=None, arch=None, scale=None):
     try:
         with torch.no_grad():
             x = torch.tensor(ids)[None]
-            return torch.softmax(head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1]).float(), -1)[0, answer]
+            return torch.softmax(head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1]).float(), -1)[
+                0, answer
+            ]
     finally:
         if handle is not None:
             handle.remove()
@@ -69,7 +73,9 @@ def test_batched_attribution_matches_one_layer_at_a_time(tiny):
     arch = resolve_architecture(model)
     ids = tok(PROMPT)["input_ids"]
     together = integrated_gradients(model, arch, ids, 7, [0, 1, 2, 3], steps=5, rows_per_pass=100)
-    alone = torch.cat([integrated_gradients(model, arch, ids, 7, [layer], steps=5, rows_per_pass=5) for layer in range(4)])
+    alone = torch.cat(
+        [integrated_gradients(model, arch, ids, 7, [layer], steps=5, rows_per_pass=5) for layer in range(4)]
+    )
     assert torch.allclose(together, alone, rtol=1e-4, atol=1e-9)
     base = neuron_activations(model, arch, ids, [0, 1, 2, 3])
     assert together.shape == base.shape == (4, arch.weight(model, arch.mlp_out_param(0)).shape[1])
@@ -111,7 +117,11 @@ def test_patch_is_the_value_slot_update(tiny):
     with patch.applied(model):
         for name, w0 in before.items():
             layer = next(i for i in range(arch.num_layers(model)) if arch.mlp_out_param(i) == name)
-            chosen = {i: act for (lay, i), act in zip(info["neurons"], info["neuron_activations"], strict=True) if lay == layer}
+            chosen = {
+                i: act
+                for (lay, i), act in zip(info["neurons"], info["neuron_activations"], strict=True)
+                if lay == layer
+            }
             diff = arch.weight(model, name) - w0
             changed = sorted(diff.abs().sum(0).nonzero().flatten().tolist())
             assert changed == sorted(chosen)
@@ -140,8 +150,12 @@ def test_layers_restrict_the_search(tiny):
     hp = KNHyperparams(layers=[2], steps=3, prompt_prefixes=[""])
     patch = KN().compute_patch(model, tok, tiny_requests()[:1], hp, arch, EditContext())
     assert set(patch.deltas()) == {arch.mlp_out_param(2)}
-    literal = KN().compute_patch(model, tok, tiny_requests()[:1], hp.updated(sign_by_activation=False), arch, EditContext())
-    assert (literal.deltas()[arch.mlp_out_param(2)].abs() - patch.deltas()[arch.mlp_out_param(2)].abs()).abs().max() < 1e-6
+    literal = KN().compute_patch(
+        model, tok, tiny_requests()[:1], hp.updated(sign_by_activation=False), arch, EditContext()
+    )
+    assert (
+        literal.deltas()[arch.mlp_out_param(2)].abs() - patch.deltas()[arch.mlp_out_param(2)].abs()
+    ).abs().max() < 1e-6
     assert get_parameter(model, arch.mlp_out_param(2)).shape == patch.deltas()[arch.mlp_out_param(2)].shape
 
 

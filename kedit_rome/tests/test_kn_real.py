@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kedit_core.editor import Editor
 from kedit_core.ops.logits import logits_at
 from kedit_core.ops.tokens import encode_pairs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.ops.logits import final_hidden, head_logits
 from kedit_core.ops.tokens import encode_prompts
@@ -11,8 +12,11 @@ from kedit_core.testing import tiny_model
 from kedit_rome.ops.head_loss import head_loss
 from kedit_rome.ops.suffix import SuffixForward
 
-TEXTS = ["The Eiffel Tower is located in the city of Paris, and this sentence is long enough to pass the sliding window",
-         "Michael Jordan plays", "Hello there my friend, the capital of France is"]
+TEXTS = [
+    "The Eiffel Tower is located in the city of Paris, and this sentence is long enough to pass the sliding window",
+    "Michael Jordan plays",
+    "Hello there my friend, the capital of France is",
+]
 
 
 def _add_at(module, rows, cols, delta):

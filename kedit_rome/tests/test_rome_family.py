@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.method import EditContext
 from kedit_core.ops.logits import final_hidden
@@ -16,8 +17,13 @@ from kedit_rome.ops.keys import compute_keys
 from kedit_rome.ops.least_squares import Factorization, batched_least_squares, rank_one_update
 from kedit_rome.ops.second_moment import SecondMoments, StatsSpec, compute_second_moments
 
-TINY_VALUE = {"v_num_grad_steps": 6, "v_lr": 0.5, "clamp_norm_factor": 50.0, "mom2_n_tokens": 400,
-              "context_template_length_params": [[4, 2]]}
+TINY_VALUE = {
+    "v_num_grad_steps": 6,
+    "v_lr": 0.5,
+    "clamp_norm_factor": 50.0,
+    "mom2_n_tokens": 400,
+    "context_template_length_params": [[4, 2]],
+}
 
 
 class TestROMEConformance(MethodConformance):
@@ -102,7 +108,9 @@ def test_second_moment_is_cached_on_disk_and_reused(tmp_path):
     fresh_model, _ = tiny_model("gemma3", seed=1)  # different weights: a recomputation would differ
     again = fresh.get(fresh_model, tok, arch, [1], spec, tmp_path / "cache", progress=False)[1]
     assert torch.equal(first, again)
-    other = StatsSpec("fp1", _corpus(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, ["Other text only."] * 20), 500)
+    other = StatsSpec(
+        "fp1", _corpus(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, ["Other text only."] * 20), 500
+    )
     assert other.path(tmp_path, "m") != spec.path(tmp_path, "m")
 
 
@@ -138,8 +146,9 @@ def test_patch_provenance_is_the_registry_s():
     method = Registry(autoload=True).load().method("rome")
     model, tok = tiny_model("gpt2")
     hp = method.load_hparams({"layers": [1], **TINY_VALUE})
-    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model),
-                                 EditContext(cache_dir=_tmp()))
+    patch = method.compute_patch(
+        model, tok, tiny_requests()[:1], hp, resolve_architecture(model), EditContext(cache_dir=_tmp())
+    )
     assert patch.metadata["plugin"] == "kedit-rome"
     assert patch.metadata["plugin_version"] == importlib.metadata.version("kedit-rome")
 
@@ -202,7 +211,9 @@ def test_rome_patch_is_rank_one_and_small():
     model, tok = tiny_model("gemma3")
     method = ROME()
     hp = method.load_hparams({"layers": [1], **TINY_VALUE})
-    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model), EditContext(cache_dir=_tmp()))
+    patch = method.compute_patch(
+        model, tok, tiny_requests()[:1], hp, resolve_architecture(model), EditContext(cache_dir=_tmp())
+    )
     names = sorted(patch.tensors)
     assert names == [f"lowrank/{resolve_architecture(model).mlp_out_param(1)}/{x}" for x in ("a", "b")]
     assert patch.tensors[names[0]].shape[1] == 1
@@ -219,10 +230,19 @@ def test_edit_raises_the_target_probability(name, family):
 
     model, tok = tiny_model(family)
     layers = [2] if name == "rome" else [1, 2]
-    hp = method.load_hparams({**TINY_VALUE, "layers": layers, "v_num_grad_steps": 25, "v_lr": 1.0,
-                              "clamp_norm_factor": 1e6, "v_weight_decay": 0.0, "kl_factor": 0.0,
-                              "context_template_length_params": [],
-                              **({} if name == "rome" else {"mom2_update_weight": 1.0})})
+    hp = method.load_hparams(
+        {
+            **TINY_VALUE,
+            "layers": layers,
+            "v_num_grad_steps": 25,
+            "v_lr": 1.0,
+            "clamp_norm_factor": 1e6,
+            "v_weight_decay": 0.0,
+            "kl_factor": 0.0,
+            "context_template_length_params": [],
+            **({} if name == "rome" else {"mom2_update_weight": 1.0}),
+        }
+    )
     # random tiny models pass little through attention: put the subject's last token last
     req = EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris")
     ev = Evaluator(model, tok)
@@ -330,7 +350,9 @@ def test_pmet_attention_clamp_moves_the_change_to_the_ffn():
 
     # measured 0.23 unclamped, 0.014 clamped; without the clamp doing its work the two shares are equal
     assert attention_share(tight) < 0.5 * attention_share(same)
-    assert float(tight.deltas[1].norm(dim=1).mean()) == pytest.approx(float(same.deltas[1].norm(dim=1).mean()), rel=0.05)
+    assert float(tight.deltas[1].norm(dim=1).mean()) == pytest.approx(
+        float(same.deltas[1].norm(dim=1).mean()), rel=0.05
+    )
     with pytest.raises(ValueError, match="clamp factors"):
         optimize_values_chunked(model, tok, arch, tiny_requests(), templates, sites, 2, opts, 100, [1.0])
 
@@ -345,8 +367,11 @@ def test_memit_batch_asking_one_prompt_for_two_targets_is_refused_before_any_wor
     a = tiny_requests()[0]
     same_again = a.model_copy(update={"target_new": " Rome "})  # the same target: no conflict
     conflict = a.model_copy(update={"target_new": "Berlin", "subject": "Eiffel"})
-    with pytest.raises(RequestError, match=r"^records 0 and 2 ask the same prompt .* for different targets "
-                                           r"\('Rome' and 'Berlin'\) in one batch"):
+    with pytest.raises(
+        RequestError,
+        match=r"^records 0 and 2 ask the same prompt .* for different targets "
+        r"\('Rome' and 'Berlin'\) in one batch",
+    ):
         editor.edit([a, same_again, conflict], batch_size=3)
     with pytest.raises(RequestError, match="^records 0 and 2 ask the same prompt"):
         editor.compute_patch([a, same_again, conflict])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kedit_core.editor import Editor
 from kedit_core.patch import Patch
 from kedit_core.request import load_requests

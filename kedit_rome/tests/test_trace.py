@@ -7,6 +7,7 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.testing import FAMILIES, tiny_model
 from kedit_rome.cli import trace as trace_command
@@ -133,8 +134,23 @@ def test_cli_command(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     runner = CliRunner()
-    args = ["--model", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT, "--kind", "mlp",
-            "--samples", "2", "--window", "2", "--out", str(tmp_path / "t"), "--json"]
+    args = [
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        PROMPT,
+        "--subject",
+        SUBJECT,
+        "--kind",
+        "mlp",
+        "--samples",
+        "2",
+        "--window",
+        "2",
+        "--out",
+        str(tmp_path / "t"),
+        "--json",
+    ]
     out = runner.invoke(trace_command, args)
     assert out.exit_code == 0, out.output
     report = json.loads(out.stdout)

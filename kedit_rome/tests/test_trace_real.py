@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kedit_core.architecture import resolve_architecture
 from kedit_core.ops.tokens import split_prompt_target
 from kedit_rome.trace import (

@@ -59,14 +59,21 @@ def main() -> None:
     if args.method == "ike":
         from kedit_serac.ike import IKE
 
-        hp = IKE.load_hparams(None, info.key).updated(**{k: v for k, v in {"pool": args.pool, "k": args.k}.items() if v is not None})
+        hp = IKE.load_hparams(None, info.key).updated(
+            **{k: v for k, v in {"pool": args.pool, "k": args.k}.items() if v is not None}
+        )
     editor = Editor(args.method, model, tok, hparams=hp, model_info=info, checkpoint=args.checkpoint)
     t0 = time.perf_counter()
 
     def progress(done: int, partial) -> None:  # running metrics, so a long run can be read while it goes
         if args.out:
-            snapshot = {"done": done, "metrics": partial.metrics("post"), "metrics_pre": partial.metrics("pre"),
-                        "time_per_edit_s": sum(partial.edit_seconds) / done, "wall_s": time.perf_counter() - t0}
+            snapshot = {
+                "done": done,
+                "metrics": partial.metrics("post"),
+                "metrics_pre": partial.metrics("pre"),
+                "time_per_edit_s": sum(partial.edit_seconds) / done,
+                "wall_s": time.perf_counter() - t0,
+            }
             with open(args.out + ".partial", "w", encoding="utf-8") as fh:
                 json.dump(snapshot, fh, indent=1)
 
@@ -75,15 +82,24 @@ def main() -> None:
     report = result.to_report()
     sub = reqs[: args.query_n]
     patch = editor.compute_patch(sub) if editor.method.supports_batch else editor.compute_patch(sub[:1])
-    report["time_per_query_s"] = {"edited": time_queries(model, tok, sub, patch), "unedited": time_queries(model, tok, sub)}
+    report["time_per_query_s"] = {
+        "edited": time_queries(model, tok, sub, patch),
+        "unedited": time_queries(model, tok, sub),
+    }
     report["wall_s"] = wall
     report["data"] = args.data
     report["records"] = [args.start, args.start + len(reqs)]
-    print(f"{args.method} on {info.id}: records [{args.start}, {args.start + len(reqs)}) of {args.data}, batch size {report['batch_size']}")
+    print(
+        f"{args.method} on {info.id}: records [{args.start}, {args.start + len(reqs)}) of {args.data}, batch size {report['batch_size']}"
+    )
     for name in report["metrics"]:
-        print(f"  {name:20s} pre {report['metrics_pre'].get(name, float('nan')):.3f}  post {report['metrics'][name]:.3f}")
-    print(f"  time per edit {report['time_per_edit_s']:.3f} s; per evaluated query {report['time_per_query_s']['edited']:.3f} s "
-          f"(unedited {report['time_per_query_s']['unedited']:.3f} s); peak RSS {report['peak_rss_mb']:.0f} MB; wall {wall:.0f} s")
+        print(
+            f"  {name:20s} pre {report['metrics_pre'].get(name, float('nan')):.3f}  post {report['metrics'][name]:.3f}"
+        )
+    print(
+        f"  time per edit {report['time_per_edit_s']:.3f} s; per evaluated query {report['time_per_query_s']['edited']:.3f} s "
+        f"(unedited {report['time_per_query_s']['unedited']:.3f} s); peak RSS {report['peak_rss_mb']:.0f} MB; wall {wall:.0f} s"
+    )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1, default=str)

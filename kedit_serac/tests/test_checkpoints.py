@@ -30,8 +30,14 @@ def ckpt(tmp_path) -> Path:
 
 
 def edit(method, model, tok, ckpt: Path):
-    return method.compute_patch(model, tok, tiny_requests()[:1], method.load_hparams({}), resolve_architecture(model),
-                                EditContext(checkpoint=ckpt))
+    return method.compute_patch(
+        model,
+        tok,
+        tiny_requests()[:1],
+        method.load_hparams({}),
+        resolve_architecture(model),
+        EditContext(checkpoint=ckpt),
+    )
 
 
 def change_config(ckpt: Path, change) -> None:
@@ -45,6 +51,7 @@ def change_tensors(change):
         tensors = load((ckpt / MODEL_FILE).read_bytes())
         change(tensors)
         save_tensors(tensors, ckpt / MODEL_FILE)
+
     return apply
 
 

@@ -40,7 +40,10 @@ def test_retrieval_puts_the_nearest_demonstration_last_and_skips_the_edited_subj
     counts = {"copy": 1, "update": 2, "retain": 1}
     demos = pool.select(query, counts)
     assert len(demos) == 4
-    sims = [float(pool.embeddings[[d in pool.demos[i].values() for i in range(len(pool))].index(True)] @ query) for d in demos]
+    sims = [
+        float(pool.embeddings[[d in pool.demos[i].values() for i in range(len(pool))].index(True)] @ query)
+        for d in demos
+    ]
     assert sims == sorted(sims)
     assert target.subject in demos[-1]  # the nearest record is the same fact
     # a request about that subject never sees its own record

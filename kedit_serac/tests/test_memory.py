@@ -68,7 +68,7 @@ def test_teacher_forced_scoring_path_is_routed_in_a_padded_batch(tiny):
             full = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[rows, cols]
     finally:
         detach()
-    first = (rows == 0)
+    first = rows == 0
     assert torch.equal(routed[first], base[first])
     assert not torch.allclose(routed[~first], base[~first])
     torch.testing.assert_close(full, routed, atol=1e-5, rtol=1e-5)
@@ -131,8 +131,9 @@ def test_a_memory_patch_applied_without_the_tokenizer_is_one_line_and_changes_no
     model, tok = tiny_model("llama")
     method = get_method(method_name)
     hp = method.load_hparams({"n_demonstrations": 0} if method_name == "serac" else {"k": 2, "pool": str(pool_file)})
-    patch = method.compute_patch(model, tok, tiny_requests()[:1], hp, resolve_architecture(model),
-                                 EditContext(cache_dir=tmp_path))
+    patch = method.compute_patch(
+        model, tok, tiny_requests()[:1], hp, resolve_architecture(model), EditContext(cache_dir=tmp_path)
+    )
     keys, hooks, fp = set(model.__dict__), dict(model.base_model._forward_hooks), state_fingerprint(model)
     with pytest.raises(PatchError) as err:
         Patch.load(patch.save(tmp_path / "p.kedit.safetensors")).apply(model)

@@ -19,12 +19,21 @@ from kedit_serac.train_scope import edit_text, in_scope_inputs, out_of_scope_inp
 def test_scope_training_separates_in_and_out_of_scope(pool_file, tmp_path):
     records = load_training_requests(pool_file)
     method = SERAC()
-    hp = method.load_hparams({"max_steps": 30, "train_batch_size": 3, "val_every": 10, "checkpoint_every": 10,
-                              "learning_rate": 1e-2, "n_demonstrations": 1})
+    hp = method.load_hparams(
+        {
+            "max_steps": 30,
+            "train_batch_size": 3,
+            "val_every": 10,
+            "checkpoint_every": 10,
+            "learning_rate": 1e-2,
+            "n_demonstrations": 1,
+        }
+    )
     model, tok = tiny_model("llama")
     ctx = EditContext(cache_dir=tmp_path / "cache", progress=False)
-    trainer = method.trainer(model, tok, hp, resolve_architecture(model), ctx, train=records, val=records[:2],
-                             out_dir=tmp_path / "ckpt")
+    trainer = method.trainer(
+        model, tok, hp, resolve_architecture(model), ctx, train=records, val=records[:2], out_dir=tmp_path / "ckpt"
+    )
     before = trainer.validate()
     result = trainer.run()
     after = trainer.validate()
@@ -62,11 +71,37 @@ def test_kedit_train_command(pool_file, tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "ckpt"
-    argv = ["train", "--method", "serac", "--model", str(tmp_path / "model"), "--data", str(pool_file),
-            "--out", str(out), "--max-steps", "4", "--json"]
+    argv = [
+        "train",
+        "--method",
+        "serac",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(pool_file),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 4 and (out / "model.safetensors").is_file()
-    assert main(["train", "--method", "ike", "--model", str(tmp_path / "model"), "--data", str(pool_file),
-                 "--out", str(out)]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "ike",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(pool_file),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "nothing to train" in capsys.readouterr().err

@@ -68,9 +68,17 @@ def build_patch(
 
     plugin = plugin_of(type(method))
     return Patch.create(
-        method=method.name, kind=method.kind, model=model, tensors=edit.tensors(),
+        method=method.name,
+        kind=method.kind,
+        model=model,
+        tensors=edit.tensors(),
         base_model={"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
-        hparams=hparams.to_dict(), requests=[r.model_dump(mode="json") for r in requests],
-        plugin=plugin.package, plugin_version=plugin.version, parent=parent, modules=edit.modules,
-        fingerprint_params=edit.fingerprint_params, extra=edit.extra,
+        hparams=hparams.to_dict(),
+        requests=[r.model_dump(mode="json") for r in requests],
+        plugin=plugin.package,
+        plugin_version=plugin.version,
+        parent=parent,
+        modules=edit.modules,
+        fingerprint_params=edit.fingerprint_params,
+        extra=edit.extra,
     )

@@ -18,7 +18,7 @@ from .architecture import ArchitectureSpec, get_parameter, resolve_architecture
 from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
 from .errors import EditError, KeditError, RequestError
 from .evaluate import Evaluator
-from .evaluate.metrics import metric_names, protocols, mean
+from .evaluate.metrics import mean, metric_names, protocols
 from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod, PatchKind
 from .models import DEFAULT_MODEL, ModelInfo, cache_dir, load_model, model_fingerprint, model_key
@@ -29,7 +29,6 @@ from .request import EditRequest
 from .runstate import RunState, run_signature
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -146,7 +145,9 @@ class Editor:
         # hyperparameters are validated before the (slow) model load
         self.hparams = self.method.load_hparams(hparams, key)
         if isinstance(model, str):
-            self.model, self.tokenizer, self.model_info = load_model(model, device=device, dtype=dtype, device_map=device_map)
+            self.model, self.tokenizer, self.model_info = load_model(
+                model, device=device, dtype=dtype, device_map=device_map
+            )
         else:
             if tokenizer is None:
                 raise KeditError("pass the tokenizer together with a model object")
@@ -182,8 +183,15 @@ class Editor:
             raise KeditError(f"method {self.method.name!r} edits one request at a time (no batch editing)")
         self.check_requests(reqs, batch_size=len(reqs))
         try:
-            return self.method.compute_patch(self.model, self.tokenizer, reqs, self.hparams, self.arch, self._ctx,
-                                             parent=parent.patch_id if parent is not None else None)
+            return self.method.compute_patch(
+                self.model,
+                self.tokenizer,
+                reqs,
+                self.hparams,
+                self.arch,
+                self._ctx,
+                parent=parent.patch_id if parent is not None else None,
+            )
         except KeditError:
             raise
         except Exception as exc:
@@ -202,8 +210,9 @@ class Editor:
     def trainer(self, train: list[EditRequest], val: list[EditRequest] | None, out_dir: str | Path) -> Any:
         """The trainer of a method with trained components (``requires_training``), set up on this
         editor's model, hyperparameters and context; its checkpoint goes to ``out_dir``."""
-        return self.method.trainer(self.model, self.tokenizer, self.hparams, self.arch, self._ctx,
-                                   train=train, val=val, out_dir=Path(out_dir))
+        return self.method.trainer(
+            self.model, self.tokenizer, self.hparams, self.arch, self._ctx, train=train, val=val, out_dir=Path(out_dir)
+        )
 
     def evaluator(self, fluency: bool = False) -> Evaluator:
         return Evaluator(self.model, self.tokenizer, fluency=fluency)
@@ -245,12 +254,15 @@ class Editor:
         result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
         run = None
         if run_dir is not None:
-            run = RunState(run_dir, run_signature(self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint,
-                                                  reqs, bs, fluency))
+            run = RunState(
+                run_dir,
+                run_signature(self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint, reqs, bs, fluency),
+            )
         with run.locked() if run is not None else contextlib.nullcontext():
             try:
-                self._run(result, evaluate=evaluate, fluency=fluency, keep=keep_original_weight,
-                          on_chunk=on_chunk, run=run)
+                self._run(
+                    result, evaluate=evaluate, fluency=fluency, keep=keep_original_weight, on_chunk=on_chunk, run=run
+                )
             except BaseException:
                 self.restore(result)  # the transaction: the model as it was before the call
                 raise
@@ -273,21 +285,35 @@ class Editor:
         if run_dir is not None and not sequential:
             raise KeditError("run_dir (resumable runs) needs sequential=True")
 
-    def _run(self, result: EditResult, *, evaluate: bool, fluency: bool, keep: bool,
-             on_chunk: Callable[[int, EditResult], None] | None, run: RunState | None) -> None:
+    def _run(
+        self,
+        result: EditResult,
+        *,
+        evaluate: bool,
+        fluency: bool,
+        keep: bool,
+        on_chunk: Callable[[int, EditResult], None] | None,
+        run: RunState | None,
+    ) -> None:
         """The chunks of :meth:`edit`; whatever it leaves applied is in ``result.handles``/``baseline``."""
         reqs, bs, sequential = result.requests, result.batch_size, result.sequential
         ev = self.evaluator(fluency=fluency)
         refs, parent, done = self._resume(result, run, evaluate)
         if refs is None and evaluate and done == 0:
             result.pre, refs = ev.evaluate_with_reference(reqs)
-        bar = tqdm(total=len(reqs), initial=done, desc=f"{self.method.name} edits", unit="edit", disable=not self.progress)
+        bar = tqdm(
+            total=len(reqs), initial=done, desc=f"{self.method.name} edits", unit="edit", disable=not self.progress
+        )
         try:
             for lo in range(done, len(reqs), bs):
                 chunk = reqs[lo : lo + bs]
                 t0 = time.perf_counter()
                 patch = self._chunk_patch(chunk, parent if sequential else None, lo)
-                handle = self._apply_sequential(patch, result) if sequential else patch.apply(self.model, tokenizer=self.tokenizer)
+                handle = (
+                    self._apply_sequential(patch, result)
+                    if sequential
+                    else patch.apply(self.model, tokenizer=self.tokenizer)
+                )
                 result.handles.append(handle)  # in the result at once: should anything below fail, it is reverted
                 result.edit_seconds.append(time.perf_counter() - t0)
                 result.patches.append(patch)
@@ -323,8 +349,13 @@ class Editor:
             result.handles.append(self._apply_kept(patch, result))
             result.patches.append(patch)
             parent = patch
-        log.info("resuming %s from %s: %d of %d requests done", self.method.name, run.dir, saved["done"],
-                 len(result.requests))
+        log.info(
+            "resuming %s from %s: %d of %d requests done",
+            self.method.name,
+            run.dir,
+            saved["done"],
+            len(result.requests),
+        )
         return refs, parent, saved["done"]
 
     def _chunk_patch(self, chunk: list[EditRequest], parent: Patch | None, lo: int) -> Patch:

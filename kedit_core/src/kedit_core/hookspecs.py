@@ -37,8 +37,13 @@ class MethodSpec:
     kind: str = "weight_delta"
 
     def capabilities(self) -> dict[str, object]:
-        return {"batch": self.batch, "sequential": self.sequential, "training": self.training,
-                "edit_area": self.edit_area, "kind": self.kind}
+        return {
+            "batch": self.batch,
+            "sequential": self.sequential,
+            "training": self.training,
+            "edit_area": self.edit_area,
+            "kind": self.kind,
+        }
 
 
 @hookspec

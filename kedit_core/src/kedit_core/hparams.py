@@ -41,7 +41,9 @@ class Hyperparams(BaseModel):
         try:
             text = json.dumps(data, allow_nan=True)
         except (TypeError, ValueError) as exc:
-            raise HparamsError(f"{source}: values must be numbers, strings, booleans, lists or mappings ({exc})") from None
+            raise HparamsError(
+                f"{source}: values must be numbers, strings, booleans, lists or mappings ({exc})"
+            ) from None
         try:  # validated as JSON: strict types, with JSON's forms of tuples and paths
             return cls.model_validate_json(text)
         except ValidationError as exc:
@@ -75,7 +77,9 @@ def read_mapping_file(path: Path) -> Any:
         return yaml.load(text, Loader=_Yaml12NumbersLoader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise HparamsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
+        raise HparamsError(
+            f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}"
+        ) from None
 
 
 class _Yaml12NumbersLoader(yaml.SafeLoader):

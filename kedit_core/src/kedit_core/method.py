@@ -119,9 +119,18 @@ class EditMethod(ABC):
         """
         raise PatchError(f"method {self.name!r} does not apply {patch.kind.value} patches")
 
-    def trainer(self, model: nn.Module, tokenizer: Any, hparams: Hyperparams, arch: ArchitectureSpec,
-                ctx: EditContext, *, train: list[EditRequest], val: list[EditRequest] | None,
-                out_dir: Path) -> BaseTrainer:
+    def trainer(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        hparams: Hyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+        *,
+        train: list[EditRequest],
+        val: list[EditRequest] | None,
+        out_dir: Path,
+    ) -> BaseTrainer:
         """A method with trained components (``requires_training``) returns the
         :class:`~kedit_core.trainer.BaseTrainer` that writes its checkpoint to ``out_dir`` -- what
         ``ctx.checkpoint`` (``--checkpoint``) names at edit time. ``Editor.trainer`` sets it up."""
@@ -145,7 +154,9 @@ class EditMethod(ABC):
         return preset_files(package, cls.name)
 
     @classmethod
-    def load_hparams(cls, source: str | Path | dict | Hyperparams | None = None, model_key: str | None = None) -> Hyperparams:
+    def load_hparams(
+        cls, source: str | Path | dict | Hyperparams | None = None, model_key: str | None = None
+    ) -> Hyperparams:
         """Hyperparameters from an object, a mapping, a file, or the packaged preset for ``model_key``."""
         hp_cls = cls.hparams_class
         if isinstance(source, hp_cls):

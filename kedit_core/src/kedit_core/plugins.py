@@ -315,8 +315,10 @@ class Registry:
             if taken:
                 cli.commands.update({name: before[name] for name in taken})
                 info = self.plugins.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "?"))
-                self._fail(PluginInfo(info.name, info.package, info.version),
-                           f"command name {', '.join(map(repr, taken))} is already used; kept the existing one")
+                self._fail(
+                    PluginInfo(info.name, info.package, info.version),
+                    f"command name {', '.join(map(repr, taken))} is already used; kept the existing one",
+                )
 
     def _call(self, impl: Any, arg: Any) -> None:
         try:

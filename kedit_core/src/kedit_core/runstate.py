@@ -37,14 +37,22 @@ LOCK_FILE = "run.lock"
 log = logging.getLogger(__name__)
 
 
-def run_signature(method: str, hparams: dict[str, Any], model_fingerprint: str, requests: list[Any],
-                  batch_size: int, fluency: bool) -> dict[str, Any]:
+def run_signature(
+    method: str, hparams: dict[str, Any], model_fingerprint: str, requests: list[Any], batch_size: int, fluency: bool
+) -> dict[str, Any]:
     """What must match for a saved run to be resumed."""
     h = hashlib.sha256()
     for r in requests:
         h.update(r.model_dump_json().encode())
-    return {"method": method, "hparams": hparams, "model_fingerprint": model_fingerprint,
-            "requests_sha256": h.hexdigest(), "n": len(requests), "batch_size": batch_size, "fluency": fluency}
+    return {
+        "method": method,
+        "hparams": hparams,
+        "model_fingerprint": model_fingerprint,
+        "requests_sha256": h.hexdigest(),
+        "n": len(requests),
+        "batch_size": batch_size,
+        "fluency": fluency,
+    }
 
 
 class RunState:
@@ -71,8 +79,10 @@ class RunState:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunLocked(f"{self.dir} is in use by another run (process {holder} holds {path}); "
-                                "wait for it to end or use another run directory") from None
+                raise RunLocked(
+                    f"{self.dir} is in use by another run (process {holder} holds {path}); "
+                    "wait for it to end or use another run directory"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield self
@@ -91,8 +101,9 @@ class RunState:
         saved = state.get("signature", {})
         diff = sorted(k for k in set(saved) | set(self.signature) if saved.get(k) != self.signature.get(k))
         if diff:
-            raise KeditError(f"{self.dir} holds another run (differs in: {', '.join(diff)}); "
-                             "use a new directory or delete it")
+            raise KeditError(
+                f"{self.dir} holds another run (differs in: {', '.join(diff)}); use a new directory or delete it"
+            )
         self.patch_files = list(state["patch_files"])
         missing = [f for f in self.patch_files if not (self.dir / PATCH_DIR / f).is_file()]
         if missing:
@@ -113,10 +124,16 @@ class RunState:
         patch.save(self.dir / PATCH_DIR / name)
         old = self.patch_files if cumulative else []
         self.patch_files = [name] if cumulative else [*self.patch_files, name]
-        state = {"signature": self.signature, "done": done, "patch_files": self.patch_files,
-                 "pre": result.pre, "post": result.post, "edit_seconds": result.edit_seconds,
-                 "rss_mb_curve": result.rss_mb_curve,
-                 "refs": None if refs is None else [r.locality_tokens for r in refs]}
+        state = {
+            "signature": self.signature,
+            "done": done,
+            "patch_files": self.patch_files,
+            "pre": result.pre,
+            "post": result.post,
+            "edit_seconds": result.edit_seconds,
+            "rss_mb_curve": result.rss_mb_curve,
+            "refs": None if refs is None else [r.locality_tokens for r in refs],
+        }
         atomic_write_text(self.dir / STATE_FILE, json.dumps(state))
         for f in old:
             if f != name:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -39,7 +39,7 @@ CORPUS = [
 FAMILIES = ("gpt2", "llama", "gemma3")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_object(style: str) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -53,11 +53,15 @@ def _tokenizer_object(style: str) -> Any:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
         alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-\u2581")
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     if style != "byte":
         bos = tok.token_to_id("<bos>")
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+        )
     return tok
 
 
@@ -82,17 +86,35 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
 
     tok = tiny_tokenizer("byte" if family == "gpt2" else "sentencepiece")
     vocab = len(tok)
-    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     if family == "gpt2":
         config = tf.GPT2Config(n_positions=128, n_embd=32, n_layer=4, n_head=4, **common)
         cls = tf.GPT2LMHeadModel
     elif family == "llama":
-        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=128, **common)
+        config = tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
         cls = tf.LlamaForCausalLM
     elif family == "gemma3":
-        config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16, **common)
+        config = tf.Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16,
+            **common,
+        )
         cls = tf.Gemma3ForCausalLM
     else:
         raise ValueError(f"unknown tiny family {family!r}; use one of {FAMILIES}")
@@ -105,12 +127,22 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
 
 def tiny_requests() -> list[EditRequest]:
     return [
-        EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", target_new="Rome",
-                    ground_truth="Paris", rephrase_prompts=("Where is the Eiffel Tower? It is in",),
-                    locality=({"prompt": "Toyota is a company headquartered in", "target": "Japan"},),
-                    neighborhood_prompts=("The Louvre is a museum in",)),
-        EditRequest(prompt="Michael Jordan plays the sport of", subject="Michael Jordan", target_new="football",
-                    ground_truth="basketball", locality=({"prompt": "The capital of Italy is", "target": "Rome"},)),
+        EditRequest(
+            prompt="The Eiffel Tower is located in the city of",
+            subject="The Eiffel Tower",
+            target_new="Rome",
+            ground_truth="Paris",
+            rephrase_prompts=("Where is the Eiffel Tower? It is in",),
+            locality=({"prompt": "Toyota is a company headquartered in", "target": "Japan"},),
+            neighborhood_prompts=("The Louvre is a museum in",),
+        ),
+        EditRequest(
+            prompt="Michael Jordan plays the sport of",
+            subject="Michael Jordan",
+            target_new="football",
+            ground_truth="basketball",
+            locality=({"prompt": "The capital of Italy is", "target": "Rome"},),
+        ),
     ]
 
 
@@ -138,9 +170,9 @@ def state_fingerprint(model: Any) -> dict[str, str]:
 class MethodConformance:
     """Subclass in a plugin's tests and set ``method_name`` (and ``hparams`` for tiny models)::
 
-        class TestRomeConformance(MethodConformance):
-            method_name = "rome"
-            hparams = {"layers": [1], "v_num_grad_steps": 5}
+    class TestRomeConformance(MethodConformance):
+        method_name = "rome"
+        hparams = {"layers": [1], "v_num_grad_steps": 5}
     """
 
     method_name: ClassVar[str] = ""
@@ -172,7 +204,9 @@ class MethodConformance:
     def ctx(self, tmp_path: Path) -> EditContext:
         return EditContext(model_id="tiny", cache_dir=tmp_path / "cache")
 
-    def make_patch(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, requests: list[EditRequest] | None = None) -> Patch:
+    def make_patch(
+        self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, requests: list[EditRequest] | None = None
+    ) -> Patch:
         model, tok = tiny
         hp = method.load_hparams(dict(self.hparams))
         return method.compute_patch(model, tok, requests or tiny_requests()[:1], hp, resolve_architecture(model), ctx)
@@ -205,13 +239,17 @@ class MethodConformance:
             hp = method.load_hparams(Path(str(path)))
             assert hp.method in (None, method.name), key
 
-    def test_compute_patch_leaves_model_unchanged(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext) -> None:
+    def test_compute_patch_leaves_model_unchanged(
+        self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext
+    ) -> None:
         before = state_fingerprint(tiny[0])
         patch = self.make_patch(method, tiny, ctx)
         assert state_fingerprint(tiny[0]) == before
         assert isinstance(patch, Patch) and patch.kind is method.kind and patch.method == method.name
 
-    def test_patch_roundtrips_through_file(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, tmp_path: Path) -> None:
+    def test_patch_roundtrips_through_file(
+        self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext, tmp_path: Path
+    ) -> None:
         patch = self.make_patch(method, tiny, ctx)
         path = patch.save(tmp_path / "p.kedit.safetensors")
         loaded = Patch.load(path)
@@ -220,7 +258,9 @@ class MethodConformance:
         for name, t in patch.tensors.items():
             assert torch.equal(loaded.tensors[name], t), name
 
-    def test_apply_changes_and_revert_is_bit_exact(self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext) -> None:
+    def test_apply_changes_and_revert_is_bit_exact(
+        self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext
+    ) -> None:
         model, tok = tiny
         patch = self.make_patch(method, tiny, ctx)
         before = state_fingerprint(model)
@@ -235,8 +275,9 @@ class MethodConformance:
         with torch.no_grad():
             assert torch.equal(model(**enc).logits, logits_before)
 
-    def test_layer_hparams_are_checked_against_the_model(self, method: EditMethod, tiny: tuple[Any, Any],
-                                                         ctx: EditContext) -> None:
+    def test_layer_hparams_are_checked_against_the_model(
+        self, method: EditMethod, tiny: tuple[Any, Any], ctx: EditContext
+    ) -> None:
         from .errors import HparamsError
 
         if not self.layer_hparams:

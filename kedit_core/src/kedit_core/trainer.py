@@ -78,12 +78,20 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"out_dir": str(self.out_dir), "steps": self.steps, "best_step": self.best_step,
-                "best_val_loss": self.best_val_loss, "stopped_early": self.stopped_early,
-                "seconds": round(self.seconds, 2), "history": self.history}
+        return {
+            "out_dir": str(self.out_dir),
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "best_val_loss": self.best_val_loss,
+            "stopped_early": self.stopped_early,
+            "seconds": round(self.seconds, 2),
+            "history": self.history,
+        }
 
 
-def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def locality_kl(
+    base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p_base || p_edited) per position, averaged over ``mask`` (the locality loss of MEND/KE)."""
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
     new_logp = torch.log_softmax(edited_logits.float(), dim=-1)
@@ -97,8 +105,15 @@ def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: to
 class BaseTrainer(ABC):
     """Subclass and implement :meth:`trainable` and :meth:`losses` (and usually :meth:`config`)."""
 
-    def __init__(self, hparams: TrainingHyperparams, out_dir: str | Path, train: Sequence[Any],
-                 val: Sequence[Any] | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        hparams: TrainingHyperparams,
+        out_dir: str | Path,
+        train: Sequence[Any],
+        val: Sequence[Any] | None = None,
+        *,
+        progress: bool = True,
+    ) -> None:
         if not train:
             raise KeditError("no training records")
         self.hparams = hparams
@@ -231,14 +246,33 @@ class BaseTrainer(ABC):
         return self.out_dir / STATE_DIR
 
     def _fingerprint(self, total: int) -> str:
-        data = json.dumps({"hparams": self.hparams.to_dict(), "max_steps": total, "config": self.config(),
-                           "n_train": len(self.train_data), "n_val": len(self.val_data)}, sort_keys=True, default=str)
+        data = json.dumps(
+            {
+                "hparams": self.hparams.to_dict(),
+                "max_steps": total,
+                "config": self.config(),
+                "n_train": len(self.train_data),
+                "n_val": len(self.val_data),
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def _fresh_state(self, total: int) -> dict[str, Any]:
         torch.manual_seed(self.hparams.seed)
-        return {"step": 0, "epoch": 0, "cursor": 0, "best_val_loss": math.inf, "best_step": 0, "bad_validations": 0,
-                "stopped_early": False, "history": [], "seconds": 0.0, "fingerprint": self._fingerprint(total)}
+        return {
+            "step": 0,
+            "epoch": 0,
+            "cursor": 0,
+            "best_val_loss": math.inf,
+            "best_step": 0,
+            "bad_validations": 0,
+            "stopped_early": False,
+            "history": [],
+            "seconds": 0.0,
+            "fingerprint": self._fingerprint(total),
+        }
 
     def _save_state(self, params: dict[str, nn.Parameter], optim: torch.optim.Optimizer, st: dict[str, Any]) -> None:
         tensors = {f"param/{k}": p.detach() for k, p in params.items()}
@@ -256,7 +290,9 @@ class BaseTrainer(ABC):
         st = json.loads((self._state_dir() / "state.json").read_text(encoding="utf-8"))
         st["best_val_loss"] = float(st["best_val_loss"])
         if st.get("fingerprint") != self._fingerprint(total):
-            raise KeditError(f"{self.out_dir} holds a training state for other hyperparameters or data; use a new --out")
+            raise KeditError(
+                f"{self.out_dir} holds a training state for other hyperparameters or data; use a new --out"
+            )
         tensors = load_file(str(self._state_dir() / "last.safetensors"))
         with torch.no_grad():
             for k, p in params.items():
@@ -265,7 +301,7 @@ class BaseTrainer(ABC):
         state = {}
         for i, p in enumerate(optim.param_groups[0]["params"]):
             prefix = f"optim/{names[id(p)]}/"
-            slot = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            slot = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if slot:
                 state[i] = slot
         sd = optim.state_dict()
@@ -280,14 +316,29 @@ class BaseTrainer(ABC):
             save_tensors({k: p.detach() for k, p in self.trainable().items()}, best)
         tensors = load_file(str(best))
         save_tensors(tensors, self.out_dir / MODEL_FILE)
-        meta = {"trainer": type(self).__name__, "hparams": self.hparams.to_dict(), "config": self.config(),
-                "steps": st["step"], "best_step": st["best_step"], "best_val_loss": st["best_val_loss"],
-                "stopped_early": st["stopped_early"], "n_train": len(self.train_data), "n_val": len(self.val_data)}
+        meta = {
+            "trainer": type(self).__name__,
+            "hparams": self.hparams.to_dict(),
+            "config": self.config(),
+            "steps": st["step"],
+            "best_step": st["best_step"],
+            "best_val_loss": st["best_val_loss"],
+            "stopped_early": st["stopped_early"],
+            "n_train": len(self.train_data),
+            "n_val": len(self.val_data),
+        }
         atomic_write_text(self.out_dir / CONFIG_FILE, json.dumps(meta, indent=2, default=str))
 
     def _result(self, st: dict[str, Any], seconds: float) -> TrainResult:
-        return TrainResult(self.out_dir, st["step"], st["best_step"], float(st["best_val_loss"]), st["stopped_early"],
-                           seconds, list(st["history"]))
+        return TrainResult(
+            self.out_dir,
+            st["step"],
+            st["best_step"],
+            float(st["best_val_loss"]),
+            st["stopped_early"],
+            seconds,
+            list(st["history"]),
+        )
 
 
 def split_validation(records: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

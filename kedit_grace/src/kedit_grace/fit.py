@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.prefix import cached_prefix
 from kedit_core.ops.tokens import encode_pairs
-from torch import nn
 
 
 @dataclass

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.ops.hooks import stop_before
 from kedit_core.ops.logits import final_hidden, model_device
 from kedit_core.ops.tokens import encode_prompts
-from torch import nn
 
 
 @torch.no_grad()

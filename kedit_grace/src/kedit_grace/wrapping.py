@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from kedit_core.architecture import get_module
 from kedit_core.errors import PatchError
-from torch import nn
 
 
 class ModuleWrapper(nn.Module):

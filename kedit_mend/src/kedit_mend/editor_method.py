@@ -77,8 +77,12 @@ def check_trained_for(ckpt: Checkpoint, model: nn.Module, arch: ArchitectureSpec
     """Refuse a checkpoint whose edited weights, or whose base model's fingerprint, are not this model's."""
     config, where = ckpt.config, ckpt.directory
     params, shapes = config.get("params"), config.get("shapes")
-    if not (isinstance(shapes, dict) and isinstance(params, list) and params
-            and all(isinstance(p, str) and p in shapes for p in params)):
+    if not (
+        isinstance(shapes, dict)
+        and isinstance(params, list)
+        and params
+        and all(isinstance(p, str) and p in shapes for p in params)
+    ):
         raise CheckpointError(f"{where}: config.json needs 'params' (a list of weight names) and their 'shapes'")
     for p, shape in shapes.items():
         try:
@@ -92,9 +96,11 @@ def check_trained_for(ckpt: Checkpoint, model: nn.Module, arch: ArchitectureSpec
         raise CheckpointError(f"{where}: config.json 'base_model' must be an object with a string 'fingerprint'")
     expected = base.get("fingerprint")
     if expected and ctx.model_fingerprint and expected != ctx.model_fingerprint:
-        raise CheckpointError(f"{where}: trained for the model with fingerprint {expected!r} ({base.get('id')!r}), "
-                              f"this model's is {ctx.model_fingerprint} (weights and dtype must match); "
-                              "train a checkpoint for this model")
+        raise CheckpointError(
+            f"{where}: trained for the model with fingerprint {expected!r} ({base.get('id')!r}), "
+            f"this model's is {ctx.model_fingerprint} (weights and dtype must match); "
+            "train a checkpoint for this model"
+        )
 
 
 def tensor_mismatch(expected: dict[str, list[int]], tensors: dict[str, torch.Tensor]) -> str | None:
@@ -134,7 +140,9 @@ class TrainedEditorMethod(EditMethod):
         own tensors, if so; checked before the network is built from its config."""
         return None
 
-    def edited_params(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any) -> tuple[list[str], dict[str, list[int]]]:
+    def edited_params(
+        self, model: nn.Module, arch: ArchitectureSpec, hparams: Any
+    ) -> tuple[list[str], dict[str, list[int]]]:
         params = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
         return params, {p: list(arch.weight(model, p).shape) for p in params}
 
@@ -142,7 +150,9 @@ class TrainedEditorMethod(EditMethod):
     def _checkpoints(self) -> CheckpointCache:
         return CheckpointCache()
 
-    def load_network(self, model: nn.Module, arch: ArchitectureSpec, hparams: Any, ctx: EditContext) -> tuple[nn.Module, dict[str, Any]]:
+    def load_network(
+        self, model: nn.Module, arch: ArchitectureSpec, hparams: Any, ctx: EditContext
+    ) -> tuple[nn.Module, dict[str, Any]]:
         """The trained network (checked against ``model`` before anything runs) and its provenance."""
         path = resolve_checkpoint(hparams, ctx)
         if path is None:
@@ -164,8 +174,10 @@ class TrainedEditorMethod(EditMethod):
             with torch.device("meta"):  # shapes only: nothing is allocated for a config that is wrong
                 expected = {k: list(v.shape) for k, v in self.network_from_config(ckpt.config).state_dict().items()}
         except Exception as exc:  # noqa: BLE001 - any failure to build from the config means a malformed config
-            raise CheckpointError(f"{ckpt.directory}: config.json does not describe a {self.network_kind} network "
-                                  f"({type(exc).__name__}: {one_line(exc)})") from None
+            raise CheckpointError(
+                f"{ckpt.directory}: config.json does not describe a {self.network_kind} network "
+                f"({type(exc).__name__}: {one_line(exc)})"
+            ) from None
         problem = tensor_mismatch(expected, ckpt.tensors)
         if problem:
             raise CheckpointError(f"{ckpt.directory}: {problem}")
@@ -174,8 +186,9 @@ class TrainedEditorMethod(EditMethod):
         return net
 
     # -- editing ----------------------------------------------------------------------------------
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: Any, arch: ArchitectureSpec,
-                     ctx: EditContext) -> Edit:
+    def compute_edit(
+        self, model, tokenizer, requests: list[EditRequest], hparams: Any, arch: ArchitectureSpec, ctx: EditContext
+    ) -> Edit:
         arch.check_layers(model, hparams.layers, "layers")
         net, source = self.load_network(model, arch, hparams, ctx)
         device = model_device(model)
@@ -191,11 +204,32 @@ class TrainedEditorMethod(EditMethod):
         return Edit(lowrank=lowrank, extra={"checkpoint": source})
 
     # -- training ---------------------------------------------------------------------------------
-    def trainer(self, model, tokenizer, hparams: Any, arch: ArchitectureSpec, ctx: EditContext, *,
-                train: list[EditRequest], val: list[EditRequest] | None, out_dir: Path) -> EditorTrainer:
+    def trainer(
+        self,
+        model,
+        tokenizer,
+        hparams: Any,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+        *,
+        train: list[EditRequest],
+        val: list[EditRequest] | None,
+        out_dir: Path,
+    ) -> EditorTrainer:
         """The editor network's trainer; its checkpoint is what ``--checkpoint`` points to at edit time."""
         net = self.build_network(model, arch, hparams).to(model_device(model))
-        return EditorTrainer(hparams, out_dir, train, val, model, tokenizer, arch, net,
-                             arch.check_layers(model, hparams.layers, "layers"),
-                             {"id": ctx.model_id, "fingerprint": ctx.model_fingerprint}, progress=ctx.progress,
-                             cache_dir=Path(ctx.cache_dir) / "kedit_mend", exclude_ids=excluded_ids(tokenizer, hparams))
+        return EditorTrainer(
+            hparams,
+            out_dir,
+            train,
+            val,
+            model,
+            tokenizer,
+            arch,
+            net,
+            arch.check_layers(model, hparams.layers, "layers"),
+            {"id": ctx.model_id, "fingerprint": ctx.model_fingerprint},
+            progress=ctx.progress,
+            cache_dir=Path(ctx.cache_dir) / "kedit_mend",
+            exclude_ids=excluded_ids(tokenizer, hparams),
+        )

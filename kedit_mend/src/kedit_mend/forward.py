@@ -34,7 +34,9 @@ class LowRankUpdate:
 
 
 @contextlib.contextmanager
-def edited_forward(model: nn.Module, updates: dict[str, LowRankUpdate], row_owner: torch.Tensor | None = None) -> Iterator[None]:
+def edited_forward(
+    model: nn.Module, updates: dict[str, LowRankUpdate], row_owner: torch.Tensor | None = None
+) -> Iterator[None]:
     """Inside the block, module ``m`` computes ``W x + Δ_{g(row)} x``; ``row_owner[i]``: the group of row ``i``.
 
     Without ``row_owner`` every term applies to every row (one joint edit).

@@ -78,9 +78,14 @@ def target_nll(model: nn.Module, hidden: torch.Tensor, enc: EncodedPairs) -> tor
     return per / counts
 
 
-def gradient_factors(model: nn.Module, enc: EncodedPairs, params: list[str], owners: list[int] | None = None,
-                     forward: Callable[[], torch.Tensor] | None = None,
-                     exclude_ids: list[int] | None = None) -> dict[str, GradientFactors]:
+def gradient_factors(
+    model: nn.Module,
+    enc: EncodedPairs,
+    params: list[str],
+    owners: list[int] | None = None,
+    forward: Callable[[], torch.Tensor] | None = None,
+    exclude_ids: list[int] | None = None,
+) -> dict[str, GradientFactors]:
     """(u_t, δ_t) of every token with a non-zero gradient, per parameter in ``params``.
 
     ``forward`` computes the final hidden states (default: the whole model on ``enc``); the trainer
@@ -95,7 +100,7 @@ def gradient_factors(model: nn.Module, enc: EncodedPairs, params: list[str], own
         grads = torch.autograd.grad(loss, outs)
     owner_rows = torch.tensor(owners, dtype=torch.long)
     out: dict[str, GradientFactors] = {}
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=False):
         u = seen[p][0]
         keep = (g != 0).any(-1) & enc.attention_mask.to(g.device).bool()  # [B, T]
         if exclude_ids:

@@ -97,8 +97,15 @@ class MENDNetwork(nn.Module):
 
     kind = "mend"
 
-    def __init__(self, params: list[str], shapes: dict[str, list[int]], rank: int = 64, n_layers: int = 2,
-                 edit_lr: float = 1e-3, seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: list[str],
+        shapes: dict[str, list[int]],
+        rank: int = 64,
+        n_layers: int = 2,
+        edit_lr: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.params = list(params)
         self.shapes = {p: (int(shapes[p][0]), int(shapes[p][1])) for p in self.params}  # [out, in]
@@ -107,20 +114,33 @@ class MENDNetwork(nn.Module):
         keys = sorted({shape_key(s) for s in self.shapes.values()})
         self.mode = {p: [q for q in self.params if self.shapes[q] == self.shapes[p]].index(p) for p in self.params}
         n_modes = {k: sum(1 for p in self.params if shape_key(self.shapes[p]) == k) for k in keys}
-        self.nets = nn.ModuleDict({k: GradientMLP(sum(int(x) for x in k.split("x")), rank, n_layers, n_modes[k], gen) for k in keys})
+        self.nets = nn.ModuleDict(
+            {k: GradientMLP(sum(int(x) for x in k.split("x")), rank, n_layers, n_modes[k], gen) for k in keys}
+        )
         self.u_norm = nn.ModuleList([RunningNorm(self.shapes[p][1]) for p in self.params])
         self.delta_norm = nn.ModuleList([RunningNorm(self.shapes[p][0]) for p in self.params])
         self.log_lr = nn.Parameter(torch.full((len(self.params),), math.log(edit_lr)))
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "params": self.params, "shapes": {p: list(s) for p, s in self.shapes.items()},
-                "rank": self.rank, "n_layers": self.n_layers, "edit_lr": self.edit_lr, "seed": self.seed}
+        return {
+            "kind": self.kind,
+            "params": self.params,
+            "shapes": {p: list(s) for p, s in self.shapes.items()},
+            "rank": self.rank,
+            "n_layers": self.n_layers,
+            "edit_lr": self.edit_lr,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MENDNetwork:
-        return cls(config["params"], config["shapes"], config["rank"], config["n_layers"], config["edit_lr"], config["seed"])
+        return cls(
+            config["params"], config["shapes"], config["rank"], config["n_layers"], config["edit_lr"], config["seed"]
+        )
 
-    def updates(self, factors: dict[str, GradientFactors], update_stats: bool = False, **_: Any) -> dict[str, LowRankUpdate]:
+    def updates(
+        self, factors: dict[str, GradientFactors], update_stats: bool = False, **_: Any
+    ) -> dict[str, LowRankUpdate]:
         """``Δ_ℓ = -η_ℓ Σ_t δ̃_t ũ_tᵀ`` per weight, as low-rank factors ``a = -η_ℓ δ̃ᵀ``, ``b = ũ``."""
         out: dict[str, LowRankUpdate] = {}
         for i, p in enumerate(self.params):

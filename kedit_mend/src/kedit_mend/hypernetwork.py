@@ -67,29 +67,52 @@ class KENetwork(nn.Module):
 
     kind = "ke"
 
-    def __init__(self, params: list[str], shapes: dict[str, list[int]], embed_dim: int, lstm_hidden: int = 128,
-                 cond_dim: int = 128, head_hidden: int = 128, edit_lr: float = 1e-3, seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: list[str],
+        shapes: dict[str, list[int]],
+        embed_dim: int,
+        lstm_hidden: int = 128,
+        cond_dim: int = 128,
+        head_hidden: int = 128,
+        edit_lr: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.params = list(params)
         self.shapes = {p: (int(shapes[p][0]), int(shapes[p][1])) for p in self.params}
-        self.cfg = {"embed_dim": embed_dim, "lstm_hidden": lstm_hidden, "cond_dim": cond_dim,
-                    "head_hidden": head_hidden, "edit_lr": edit_lr, "seed": seed}
+        self.cfg = {
+            "embed_dim": embed_dim,
+            "lstm_hidden": lstm_hidden,
+            "cond_dim": cond_dim,
+            "head_hidden": head_hidden,
+            "edit_lr": edit_lr,
+            "seed": seed,
+        }
         with torch.random.fork_rng():  # seeded initialization without touching the global RNG
             torch.manual_seed(seed)
             self.conditioner = EditConditioner(embed_dim, lstm_hidden, cond_dim)
-            self.heads = nn.ModuleList([ConditionedParameter(cond_dim, head_hidden, *self.shapes[p]) for p in self.params])
+            self.heads = nn.ModuleList(
+                [ConditionedParameter(cond_dim, head_hidden, *self.shapes[p]) for p in self.params]
+            )
         self.log_scale = nn.Parameter(torch.full((len(self.params),), math.log(edit_lr)))
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "params": self.params, "shapes": {p: list(s) for p, s in self.shapes.items()}, **self.cfg}
+        return {
+            "kind": self.kind,
+            "params": self.params,
+            "shapes": {p: list(s) for p, s in self.shapes.items()},
+            **self.cfg,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> KENetwork:
         keys = ("embed_dim", "lstm_hidden", "cond_dim", "head_hidden", "edit_lr", "seed")
         return cls(config["params"], config["shapes"], **{k: config[k] for k in keys})
 
-    def updates(self, factors: dict[str, GradientFactors], edit_embeds: list[torch.Tensor] | None = None,
-                **_: Any) -> dict[str, LowRankUpdate]:
+    def updates(
+        self, factors: dict[str, GradientFactors], edit_embeds: list[torch.Tensor] | None = None, **_: Any
+    ) -> dict[str, LowRankUpdate]:
         """Per weight, ``Δ = -s σ(η) (α̂ ⊙ ∇W + β̂)`` summed over the edits, as low-rank factors."""
         if edit_embeds is None:
             raise ValueError("KE needs the token embeddings of each edit")

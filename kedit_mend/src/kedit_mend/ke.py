@@ -29,8 +29,16 @@ class KE(TrainedEditorMethod):
     def build_network(self, model, arch, hparams: KEHyperparams) -> KENetwork:
         params, shapes = self.edited_params(model, arch, hparams)
         dim = model.get_input_embeddings().weight.shape[1]
-        return KENetwork(params, shapes, dim, hparams.lstm_hidden, hparams.cond_dim, hparams.head_hidden,
-                         hparams.edit_lr, hparams.seed)
+        return KENetwork(
+            params,
+            shapes,
+            dim,
+            hparams.lstm_hidden,
+            hparams.cond_dim,
+            hparams.head_hidden,
+            hparams.edit_lr,
+            hparams.seed,
+        )
 
     def network_from_config(self, config) -> KENetwork:
         return KENetwork.from_config(config)

@@ -70,8 +70,15 @@ class FixedGroups:
 class PairCache:
     """Per (prompt, target): token ids, hidden states entering layer ``start``, final states at the target."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, start: int, top_k: int = 64,
-                 batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        start: int,
+        top_k: int = 64,
+        batch_size: int = 16,
+    ) -> None:
         self.model, self.tokenizer, self.arch, self.start, self.batch_size = model, tokenizer, arch, start, batch_size
         self.top_k = top_k
         self.entries: dict[Pair, dict[str, Any]] = {}
@@ -91,14 +98,23 @@ class PairCache:
                 h = final_hidden(self.model, enc.input_ids, enc.attention_mask)
             h0 = seen[0]
             r, c = enc.target_positions()
-            top = head_logits(self.model, h[r.to(h.device), c.to(h.device)]).topk(min(self.top_k, self.model.get_output_embeddings().weight.shape[0]), dim=-1).indices.cpu()
+            top = (
+                head_logits(self.model, h[r.to(h.device), c.to(h.device)])
+                .topk(min(self.top_k, self.model.get_output_embeddings().weight.shape[0]), dim=-1)
+                .indices.cpu()
+            )
             k = 0
             for i, pair in enumerate(chunk):
                 plen, tids = enc.prompt_lens[i], enc.target_ids[i]
                 n = plen + len(tids)
-                self.entries[pair] = {"ids": enc.input_ids[i, :n].cpu(), "plen": plen, "tids": tids,
-                                      "h0": h0[i, :n].cpu(), "hfin": h[i, plen - 1 : plen - 1 + len(tids)].cpu(),
-                                      "top": top[k : k + len(tids)]}
+                self.entries[pair] = {
+                    "ids": enc.input_ids[i, :n].cpu(),
+                    "plen": plen,
+                    "tids": tids,
+                    "h0": h0[i, :n].cpu(),
+                    "hfin": h[i, plen - 1 : plen - 1 + len(tids)].cpu(),
+                    "top": top[k : k + len(tids)],
+                }
                 k += len(tids)
 
     def batch(self, pairs: list[Pair]) -> tuple[EncodedPairs, torch.Tensor]:
@@ -155,10 +171,22 @@ def training_pairs(requests: list[EditRequest]) -> tuple[list[Pair], list[Pair],
 class EditorTrainer(BaseTrainer):
     """Meta-trains ``network`` (a :class:`~.gradient_network.MENDNetwork` or :class:`~.hypernetwork.KENetwork`)."""
 
-    def __init__(self, hparams: Any, out_dir: Path, train: list[EditRequest], val: list[EditRequest] | None,
-                 model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, network: nn.Module, layers: list[int],
-                 base_model: dict[str, Any], progress: bool = True, cache_dir: Path | None = None,
-                 exclude_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        hparams: Any,
+        out_dir: Path,
+        train: list[EditRequest],
+        val: list[EditRequest] | None,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        network: nn.Module,
+        layers: list[int],
+        base_model: dict[str, Any],
+        progress: bool = True,
+        cache_dir: Path | None = None,
+        exclude_ids: list[int] | None = None,
+    ) -> None:
         super().__init__(hparams, out_dir, train, val, progress=progress)
         self.model, self.tokenizer, self.arch, self.net = model, tokenizer, arch, network
         self.start = min(layers)
@@ -213,7 +241,9 @@ class EditorTrainer(BaseTrainer):
             same_factors = index.get("exclude_ids", []) == sorted(self.exclude_ids or [])
             for i, (prompt, target) in enumerate(index["factor_pairs"] if same_factors else []):
                 self.factor_cache[(prompt, target)] = {
-                    p: (fh.get_tensor(f"factor/{i}/{j}/u"), fh.get_tensor(f"factor/{i}/{j}/delta")) for j, p in enumerate(self.net.params)}
+                    p: (fh.get_tensor(f"factor/{i}/{j}/u"), fh.get_tensor(f"factor/{i}/{j}/delta"))
+                    for j, p in enumerate(self.net.params)
+                }
         log.info("loaded %d cached records from %s", len(index["pairs"]), path)
 
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -237,15 +267,22 @@ class EditorTrainer(BaseTrainer):
         """Gradient factors of the edits (cached per edit: the unedited model never changes)."""
         for chunk in self.edit_groups.missing(edits, self.factor_cache):
             enc, h0 = self.cache.batch(chunk)
-            got = gradient_factors(self.model, enc, self.net.params, forward=lambda: self._tail(enc, h0),
-                                   exclude_ids=self.exclude_ids)
+            got = gradient_factors(
+                self.model,
+                enc,
+                self.net.params,
+                forward=lambda enc=enc, h0=h0: self._tail(enc, h0),
+                exclude_ids=self.exclude_ids,
+            )
             for i, pair in enumerate(chunk):
-                self.factor_cache[pair] = {p: (f.u[f.owner == i].cpu(), f.delta[f.owner == i].cpu()) for p, f in got.items()}
+                self.factor_cache[pair] = {
+                    p: (f.u[f.owner == i].cpu(), f.delta[f.owner == i].cpu()) for p, f in got.items()
+                }
         device = model_device(self.model)
         out = {}
         for p in self.net.params:
             us, ds, owners = [], [], []
-            for pair, g in zip(edits, group):
+            for pair, g in zip(edits, group, strict=False):
                 u, d = self.factor_cache[pair][p]
                 us.append(u)
                 ds.append(d)
@@ -269,7 +306,9 @@ class EditorTrainer(BaseTrainer):
         enc2, h2 = self.cache.batch(rows)
         embeds = edit_embeddings(self.model, enc2, len(edits))
         updates = self.net.updates(factors, update_stats=self._updating and torch.is_grad_enabled(), edit_embeds=embeds)
-        row_owner = torch.tensor(group + [group[i] for i in gen_owner] + [group[i] for i in loc_owner], device=h2.device)
+        row_owner = torch.tensor(
+            group + [group[i] for i in gen_owner] + [group[i] for i in loc_owner], device=h2.device
+        )
         with edited_forward(self.model, updates, row_owner):
             hidden = self._tail(enc2, h2)
         r, c = enc2.target_positions()
@@ -299,6 +338,6 @@ class EditorTrainer(BaseTrainer):
 def edit_embeddings(model: nn.Module, enc: EncodedPairs, n: int | None = None) -> list[torch.Tensor]:
     """The (frozen) input embeddings of the first ``n`` pairs' prompt + target tokens (what KE's LSTM reads)."""
     emb = model.get_input_embeddings()
-    rows = list(zip(enc.prompt_lens, enc.target_ids))[:n]
+    rows = list(zip(enc.prompt_lens, enc.target_ids, strict=False))[:n]
     with torch.no_grad():
         return [emb(enc.input_ids[i, : plen + len(t)]).float() for i, (plen, t) in enumerate(rows)]

@@ -6,28 +6,66 @@ from __future__ import annotations
 import json
 
 import click
+
 from kedit_core.errors import KeditError
 
 
 @click.command("trace")
-@click.option("--model", default="gemma3-270m", show_default=True, help="gemma3-270m, a local HF directory, a .gguf file, or a HF id.")
+@click.option(
+    "--model",
+    default="gemma3-270m",
+    show_default=True,
+    help="gemma3-270m, a local HF directory, a .gguf file, or a HF id.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--prompt", required=True, help="The fact's prompt, e.g. 'The Eiffel Tower is located in the city of'.")
 @click.option("--subject", required=True, help="The subject, as it occurs in the prompt.")
-@click.option("--answer", default=None, help="Expected answer (its first token is traced); default: the model's greedy next token.")
-@click.option("--kind", type=click.Choice(["hidden", "mlp", "attn", "all"]), default="hidden", show_default=True,
-              help="Restore hidden states, or MLP / attention outputs over a window of layers; 'all' runs the three.")
-@click.option("--samples", default=10, show_default=True, type=click.IntRange(1), help="Noise samples averaged per cell.")
-@click.option("--window", default=10, show_default=True, type=click.IntRange(1), help="Layers restored together for mlp/attn.")
-@click.option("--noise", default=3.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Noise std as a multiple of the embeddings' std over the vocabulary.")
+@click.option(
+    "--answer",
+    default=None,
+    help="Expected answer (its first token is traced); default: the model's greedy next token.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["hidden", "mlp", "attn", "all"]),
+    default="hidden",
+    show_default=True,
+    help="Restore hidden states, or MLP / attention outputs over a window of layers; 'all' runs the three.",
+)
+@click.option(
+    "--samples", default=10, show_default=True, type=click.IntRange(1), help="Noise samples averaged per cell."
+)
+@click.option(
+    "--window", default=10, show_default=True, type=click.IntRange(1), help="Layers restored together for mlp/attn."
+)
+@click.option(
+    "--noise",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Noise std as a multiple of the embeddings' std over the vocabulary.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "prefix", default="trace", show_default=True, help="Write <PREFIX>_<kind>.json and .png.")
 @click.option("--no-png", is_flag=True, help="Write only the JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def trace(model: str, device: str, dtype: str, prompt: str, subject: str, answer: str | None, kind: str, samples: int,
-          window: int, noise: float, seed: int, prefix: str, no_png: bool, as_json: bool) -> None:
+def trace(
+    model: str,
+    device: str,
+    dtype: str,
+    prompt: str,
+    subject: str,
+    answer: str | None,
+    kind: str,
+    samples: int,
+    window: int,
+    noise: float,
+    seed: int,
+    prefix: str,
+    no_png: bool,
+    as_json: bool,
+) -> None:
     """Causal tracing (ROME paper, figure 1): corrupt the subject, restore states, map indirect effects."""
     from kedit_core.models import load_model
     from kedit_core.progress import step
@@ -42,16 +80,34 @@ def trace(model: str, device: str, dtype: str, prompt: str, subject: str, answer
     kinds = ["hidden", "mlp", "attn"] if kind == "all" else [kind]
     report = []
     for k in kinds:
-        result = causal_trace(lm, tokenizer, prompt, subject, answer=answer, kind=k, samples=samples,
-                              noise=noise, window=window, seed=seed, progress=True)
+        result = causal_trace(
+            lm,
+            tokenizer,
+            prompt,
+            subject,
+            answer=answer,
+            kind=k,
+            samples=samples,
+            noise=noise,
+            window=window,
+            seed=seed,
+            progress=True,
+        )
         paths = save_trace(result, prefix, png=not no_png)
-        entry = {"kind": k, "answer": result.answer, "clean_prob": result.clean_prob,
-                 "corrupted_prob": result.corrupted_prob, "peak_layers_subject_last": result.peak_layers(),
-                 "files": {name: str(p) for name, p in paths.items()}}
+        entry = {
+            "kind": k,
+            "answer": result.answer,
+            "clean_prob": result.clean_prob,
+            "corrupted_prob": result.corrupted_prob,
+            "peak_layers_subject_last": result.peak_layers(),
+            "files": {name: str(p) for name, p in paths.items()},
+        }
         report.append(entry if not as_json else {**entry, "trace": result.to_json()})
         if not as_json:
-            click.echo(f"{k:6s} answer {result.answer!r}: P clean {result.clean_prob:.4f}, corrupted "
-                       f"{result.corrupted_prob:.4f}; peak layers at the subject's last token "
-                       f"{result.peak_layers()}; wrote {', '.join(str(p) for p in paths.values())}")
+            click.echo(
+                f"{k:6s} answer {result.answer!r}: P clean {result.clean_prob:.4f}, corrupted "
+                f"{result.corrupted_prob:.4f}; peak layers at the subject's last token "
+                f"{result.peak_layers()}; wrote {', '.join(str(p) for p in paths.values())}"
+            )
     if as_json:
         click.echo(json.dumps(report if len(report) > 1 else report[0], indent=1))

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.method import EditContext
 from kedit_core.models import model_fingerprint
-from pydantic import BaseModel, Field
-from torch import nn
 
 from .ops.context_templates import context_templates
 from .ops.least_squares import Factorization
@@ -59,14 +60,29 @@ class Statistics:
     def spec(self, model: nn.Module, opts: StatsOptions, ctx: EditContext) -> StatsSpec:
         return StatsSpec(fingerprint(model, ctx), corpus_path(opts), opts.mom2_n_tokens)
 
-    def second_moment(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: list[int],
-                      opts: StatsOptions, ctx: EditContext) -> dict[int, torch.Tensor]:
+    def second_moment(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        layers: list[int],
+        opts: StatsOptions,
+        ctx: EditContext,
+    ) -> dict[int, torch.Tensor]:
         """``{layer: C}`` on the model's device."""
         spec = self.spec(model, opts, ctx)
         return self.second_moments.get(model, tokenizer, arch, layers, spec, ctx.cache_dir, progress=True)
 
-    def factorization(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layer: int,
-                      opts: StatsOptions, ctx: EditContext, damping: float) -> Factorization:
+    def factorization(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        layer: int,
+        opts: StatsOptions,
+        ctx: EditContext,
+        damping: float,
+    ) -> Factorization:
         """``C + damping * mean(diag C) * I`` of ``layer``, factorized (see :class:`Factorization`)."""
         file = self.spec(model, opts, ctx).path(Path(ctx.cache_dir).resolve(), arch.layer_path(layer, arch.mlp_out))
         if self._factor is None or self._factor[0] != (file, damping):
@@ -79,8 +95,9 @@ class Statistics:
         return context_templates(model, tokenizer, fingerprint(model, ctx), ctx.cache_dir, spec, seed=ctx.seed)
 
 
-def lowrank_or_dense(arch: ArchitectureSpec, param: str, a: torch.Tensor, b: torch.Tensor
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def lowrank_or_dense(
+    arch: ArchitectureSpec, param: str, a: torch.Tensor, b: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The ``[out, in]`` update ``a @ b`` of ``param`` as ``(dense, lowrank)`` entries of an
     :class:`~kedit_core.edit.Edit`: low-rank factors when they are smaller, else the dense delta."""
     d_out, r = a.shape

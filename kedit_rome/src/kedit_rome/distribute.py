@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.request import EditRequest
-from torch import nn
 
 from .common import lowrank_or_dense
 from .ops.keys import compute_keys_values, module_io_at, subject_positions
@@ -26,11 +27,14 @@ from .spread import residual_to_mlp_output, share
 log = logging.getLogger(__name__)
 
 
-def hidden_at_subject(model: nn.Module, tokenizer: Any, arch: ArchitectureSpec,
-                      requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
+def hidden_at_subject(
+    model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, requests: Sequence[EditRequest], layer: int
+) -> torch.Tensor:
     """``h_layer`` [n, d]: the output of ``layer`` at the subject's last token of each bare prompt."""
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    return module_io_at(model, tokenizer, prompts, subject_positions(tokenizer, prompts, subjects), arch.layer_path(layer), "output")
+    return module_io_at(
+        model, tokenizer, prompts, subject_positions(tokenizer, prompts, subjects), arch.layer_path(layer), "output"
+    )
 
 
 def distribute(
@@ -80,8 +84,13 @@ def distribute(
             d, lr = lowrank_or_dense(arch, param, a, b)
             dense.update(d)
             lowrank.update(lr)
-            log.info("layer %d: missing %.3f, update norm %.3f (weight %.3f)", layer,
-                     float((z - current).norm(dim=1).mean()), float((a.double() @ b.double()).norm()), float(saved[param].norm()))
+            log.info(
+                "layer %d: missing %.3f, update norm %.3f (weight %.3f)",
+                layer,
+                float((z - current).norm(dim=1).mean()),
+                float((a.double() @ b.double()).norm()),
+                float(saved[param].norm()),
+            )
     finally:
         with torch.no_grad():
             for param, original in saved.items():

@@ -44,6 +44,13 @@ class MEMIT(EditMethod):
     def __init__(self) -> None:
         self.statistics = Statistics()
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: MEMITHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: MEMITHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         return spread_edit(self.statistics, model, tokenizer, requests, hparams, arch, ctx)

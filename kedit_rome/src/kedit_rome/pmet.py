@@ -15,11 +15,12 @@ residual, and that only the FFN part should be written into FFN weights. So:
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.edit import Edit
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.request import EditRequest
-from pydantic import Field
 
 from .common import Statistics
 from .spread_edit import SpreadHyperparams, spread_edit
@@ -49,7 +50,16 @@ class PMET(EditMethod):
     def __init__(self) -> None:
         self.statistics = Statistics()
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: PMETHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
-        attn_clamp = hparams.clamp_norm_factor if hparams.attn_clamp_norm_factor is None else hparams.attn_clamp_norm_factor
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: PMETHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
+        attn_clamp = (
+            hparams.clamp_norm_factor if hparams.attn_clamp_norm_factor is None else hparams.attn_clamp_norm_factor
+        )
         return spread_edit(self.statistics, model, tokenizer, requests, hparams, arch, ctx, attn_clamp)

@@ -15,12 +15,13 @@ The edit is the two low-rank factors of ``W_out``'s update: a few kilobytes.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.request import EditRequest
-from pydantic import Field
 
 from .common import Statistics, StatsOptions, lowrank_or_dense
 from .ops.keys import compute_keys
@@ -50,8 +51,15 @@ class ROME(EditMethod):
     def __init__(self) -> None:
         self.statistics = Statistics()
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: ROMEHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: ROMEHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         (request,) = requests
         (layer,) = arch.check_layers(model, hparams.layers, "layers")
         templates = self.statistics.templates(model, tokenizer, hparams, ctx)

@@ -34,7 +34,9 @@ def norm_gain(norm: nn.Module, dim: int, device: torch.device, dtype: torch.dtyp
         expect = g * x[0].double() / x[0].double().pow(2).mean().sqrt()
         got = norm(x)[0].double()
     if not torch.allclose(got, expect, rtol=1e-3, atol=1e-4 * float(expect.abs().max())):
-        raise ValueError(f"{type(norm).__name__} is not an RMS norm; MLP-output residuals cannot be inverted through it")
+        raise ValueError(
+            f"{type(norm).__name__} is not an RMS norm; MLP-output residuals cannot be inverted through it"
+        )
     return g
 
 

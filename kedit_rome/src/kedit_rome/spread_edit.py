@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext
 from kedit_core.request import EditRequest
-from pydantic import Field
 
 from .common import Statistics, StatsOptions
 from .distribute import distribute, hidden_at_subject
@@ -39,9 +40,16 @@ class SpreadHyperparams(Hyperparams, ValueOptions, StatsOptions):
     value_batch_size: int = Field(default=100, ge=1)
 
 
-def spread_edit(statistics: Statistics, model: Any, tokenizer: Any, requests: list[EditRequest],
-                hparams: SpreadHyperparams, arch: ArchitectureSpec, ctx: EditContext,
-                attn_clamp: float | None = None) -> Edit:
+def spread_edit(
+    statistics: Statistics,
+    model: Any,
+    tokenizer: Any,
+    requests: list[EditRequest],
+    hparams: SpreadHyperparams,
+    arch: ArchitectureSpec,
+    ctx: EditContext,
+    attn_clamp: float | None = None,
+) -> Edit:
     """Steps 1-3 above; with ``attn_clamp`` (PMET) a vector at the attention output is optimized too,
     its norm clamped to ``attn_clamp`` times the attention output's norm."""
     layers = sorted(arch.check_layers(model, hparams.layers, "layers"))
@@ -51,14 +59,29 @@ def spread_edit(statistics: Statistics, model: Any, tokenizer: Any, requests: li
     sites, clamps = [arch.layer_path(top, arch.mlp_out)], [hparams.clamp_norm_factor]
     if attn_clamp is not None:
         sites, clamps = [arch.layer_path(top, arch.attn_out), *sites], [attn_clamp, *clamps]
-    result = optimize_values_chunked(model, tokenizer, arch, requests, templates, sites, top, hparams,
-                                     hparams.value_batch_size, clamps)
+    result = optimize_values_chunked(
+        model, tokenizer, arch, requests, templates, sites, top, hparams, hparams.value_batch_size, clamps
+    )
     norm = arch.module(model, top, arch.post_mlp_norm) if arch.post_mlp_norm else None
     ffn_change = mlp_output_effect(norm, result.initial[-1], result.deltas[-1])
     z = hidden_at_subject(model, tokenizer, arch, requests, top) + ffn_change
-    dense, lowrank = distribute(model, tokenizer, arch, requests, templates, layers, stats, z,
-                                target_site=arch.layer_path(top), weight=hparams.mom2_update_weight)
-    extra = {"z_steps": result.steps, "target_nll": result.nll, "sites": sites,
-             "site_output_norms": [float(x.norm(dim=1).mean()) for x in result.initial],
-             "site_delta_norms": [float(d.norm(dim=1).mean()) for d in result.deltas]}
+    dense, lowrank = distribute(
+        model,
+        tokenizer,
+        arch,
+        requests,
+        templates,
+        layers,
+        stats,
+        z,
+        target_site=arch.layer_path(top),
+        weight=hparams.mom2_update_weight,
+    )
+    extra = {
+        "z_steps": result.steps,
+        "target_nll": result.nll,
+        "sites": sites,
+        "site_output_norms": [float(x.norm(dim=1).mean()) for x in result.initial],
+        "site_delta_norms": [float(d.norm(dim=1).mean()) for d in result.deltas],
+    }
     return Edit(dense=dense, lowrank=lowrank, extra=extra)

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec, get_module
 from kedit_core.ops.logits import model_device
 from kedit_core.ops.tokens import encode_pairs, subject_last_token
 from kedit_core.request import EditRequest
-from pydantic import BaseModel, Field
-from torch import nn
 
 from .ops.head_loss import head_loss, head_parts
 from .ops.keys import fill_templates
@@ -63,10 +64,10 @@ class Batch:
     """The prompts of the optimization: rewriting rows then one essence row per request."""
 
     enc: Any
-    owner: torch.Tensor      # [rows] request index of each row
-    lookup: torch.Tensor     # [rows] subject-last-token position
+    owner: torch.Tensor  # [rows] request index of each row
+    lookup: torch.Tensor  # [rows] subject-last-token position
     n_rewrite: int
-    kl_last: torch.Tensor    # [n_requests] last position of each essence row
+    kl_last: torch.Tensor  # [n_requests] last position of each essence row
 
 
 def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str], device: Any) -> Batch:
@@ -86,32 +87,49 @@ def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequ
     enc = encode_pairs(tokenizer, prompts, targets + ["."] * len(requests), device)
     lookup = [subject_last_token(tokenizer, p, s) for p, s in zip(prompts, subjects, strict=True)]
     kl_last = [enc.prompt_lens[n_rewrite + i] - 1 for i in range(len(requests))]
-    return Batch(enc, torch.tensor(owner, device=device), torch.tensor(lookup, device=device), n_rewrite,
-                 torch.tensor(kl_last, device=device))
+    return Batch(
+        enc,
+        torch.tensor(owner, device=device),
+        torch.tensor(lookup, device=device),
+        n_rewrite,
+        torch.tensor(kl_last, device=device),
+    )
 
 
 @dataclass
 class ValueResult:
-    deltas: list[torch.Tensor]   # per site, [n_requests, d]
+    deltas: list[torch.Tensor]  # per site, [n_requests, d]
     initial: list[torch.Tensor]  # per site, [n_requests, d]: the original site output, bare prompt
     steps: int
     nll: list[float]
 
 
-def optimize_values_chunked(model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, requests: Sequence[EditRequest],
-                            templates: Sequence[str], sites: Sequence[str], prefix_layers: int, opts: ValueOptions,
-                            chunk: int, clamp_factors: Sequence[float] | None = None) -> ValueResult:
+def optimize_values_chunked(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchitectureSpec,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    sites: Sequence[str],
+    prefix_layers: int,
+    opts: ValueOptions,
+    chunk: int,
+    clamp_factors: Sequence[float] | None = None,
+) -> ValueResult:
     """:func:`optimize_values` over groups of ``chunk`` requests (they are independent): memory
     for activations stays that of one group however large the batch of edits."""
-    parts = [optimize_values(model, tokenizer, arch, requests[i : i + chunk], templates, sites, prefix_layers, opts,
-                             clamp_factors) for i in range(0, len(requests), chunk)]
+    parts = [
+        optimize_values(
+            model, tokenizer, arch, requests[i : i + chunk], templates, sites, prefix_layers, opts, clamp_factors
+        )
+        for i in range(0, len(requests), chunk)
+    ]
     return ValueResult(
         [torch.cat([p.deltas[s] for p in parts]) for s in range(len(sites))],
         [torch.cat([p.initial[s] for p in parts]) for s in range(len(sites))],
         max(p.steps for p in parts),
         [x for p in parts for x in p.nll],
     )
-
 
 
 @dataclass
@@ -134,9 +152,13 @@ def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float) -> LossR
     tgt = batch.enc.flat_targets().to(device)[keep.to(device)]
     kl_rows = torch.arange(batch.n_rewrite, batch.n_rewrite + n, device=device)
     row = torch.cat([rows, kl_rows])
-    return LossRows(row, torch.cat([cols, batch.kl_last]), torch.cat([tgt, torch.full((n,), -1, device=device)]),
-                    torch.cat([_token_weights(rows, batch, n, n_templates), torch.full((n,), kl_factor, device=device)]),
-                    batch.owner[row])
+    return LossRows(
+        row,
+        torch.cat([cols, batch.kl_last]),
+        torch.cat([tgt, torch.full((n,), -1, device=device)]),
+        torch.cat([_token_weights(rows, batch, n, n_templates), torch.full((n,), kl_factor, device=device)]),
+        batch.owner[row],
+    )
 
 
 class _AddAtFirst:
@@ -159,23 +181,30 @@ class _AddAtFirst:
 @dataclass
 class _Chunk:
     runner: SuffixForward
-    rows: torch.Tensor     # [rows] batch rows
-    owner: torch.Tensor    # [rows] request of each row
+    rows: torch.Tensor  # [rows] batch rows
+    owner: torch.Tensor  # [rows] request of each row
     entries: torch.Tensor  # indices into LossRows
-    local: torch.Tensor    # each entry's row within the chunk
-    col: torch.Tensor      # each entry's suffix column
+    local: torch.Tensor  # each entry's row within the chunk
+    col: torch.Tensor  # each entry's suffix column
 
 
 def _chunk(runner: SuffixForward, rows: torch.Tensor, batch: Batch, loss: LossRows) -> _Chunk:
     local = torch.full((len(batch.owner),), -1, dtype=torch.long, device=rows.device)
     local[rows] = torch.arange(len(rows), device=rows.device)
     entries = (local[loss.row] >= 0).nonzero()[:, 0]
-    return _Chunk(runner, rows, batch.owner[rows], entries, local[loss.row[entries]],
-                  loss.col[entries] - batch.lookup[loss.row[entries]])
+    return _Chunk(
+        runner,
+        rows,
+        batch.owner[rows],
+        entries,
+        local[loss.row[entries]],
+        loss.col[entries] - batch.lookup[loss.row[entries]],
+    )
 
 
-def _first_chunks(model: nn.Module, arch: ArchitectureSpec, batch: Batch, loss: LossRows, frozen: int,
-                  tokens_per_pass: int) -> list[_Chunk]:
+def _first_chunks(
+    model: nn.Module, arch: ArchitectureSpec, batch: Batch, loss: LossRows, frozen: int, tokens_per_pass: int
+) -> list[_Chunk]:
     """All rows in passes of at most ``tokens_per_pass`` padded suffix tokens, each with its own
     suffix runner. Rows are ordered by suffix length (then prefix length): the suffix is what every
     step recomputes, so its padding is the waste that counts; the prefix runs once."""
@@ -188,8 +217,15 @@ def _first_chunks(model: nn.Module, arch: ArchitectureSpec, batch: Batch, loss: 
         if i == len(order) or (i + 1 - start) * int(suffix[order[i]]) > tokens_per_pass:
             parts.append(order[start:i])
             start = i
-    return [_chunk(SuffixForward(model, arch, enc.input_ids[part], enc.attention_mask[part], batch.lookup[part], frozen),
-                   part, batch, loss) for part in parts]
+    return [
+        _chunk(
+            SuffixForward(model, arch, enc.input_ids[part], enc.attention_mask[part], batch.lookup[part], frozen),
+            part,
+            batch,
+            loss,
+        )
+        for part in parts
+    ]
 
 
 def _shrink(chunks: list[_Chunk], active: torch.Tensor, batch: Batch, loss: LossRows) -> list[_Chunk]:
@@ -263,8 +299,10 @@ def optimize_values(
             if not bool(active.any()) or steps == opts.v_num_grad_steps:
                 break
             with torch.enable_grad():
-                decay = sum(opts.v_weight_decay * (d.norm(dim=1)[active] / norm[active] ** 2).sum()
-                            for d, norm in zip(deltas, init_norms, strict=True))
+                decay = sum(
+                    opts.v_weight_decay * (d.norm(dim=1)[active] / norm[active] ** 2).sum()
+                    for d, norm in zip(deltas, init_norms, strict=True)
+                )
                 decay.backward()
             before = [d.detach().clone() for d in deltas]
             for d in deltas:
@@ -282,8 +320,16 @@ def optimize_values(
     return ValueResult([d.detach() for d in deltas], initial, steps, nll_req.cpu().tolist())
 
 
-def _chunk_step(model: nn.Module, c: _Chunk, hooks: list[_AddAtFirst], deltas: list[torch.Tensor], loss: LossRows,
-                ref: torch.Tensor, nll_req: torch.Tensor, record: bool) -> None:
+def _chunk_step(
+    model: nn.Module,
+    c: _Chunk,
+    hooks: list[_AddAtFirst],
+    deltas: list[torch.Tensor],
+    loss: LossRows,
+    ref: torch.Tensor,
+    nll_req: torch.Tensor,
+    record: bool,
+) -> None:
     """One pass: the chunk's rows forward with the deltas, their loss entries through the output
     layer, backward into the deltas' gradients; each request's rewriting NLL is added to ``nll_req``."""
     for h, d in zip(hooks, deltas, strict=True):

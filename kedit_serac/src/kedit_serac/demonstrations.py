@@ -67,7 +67,7 @@ def kind_counts(k: int, ratio: tuple[float, float, float]) -> dict[str, int]:
     counts = [int(x) for x in exact]
     for i in sorted(range(3), key=lambda i: exact[i] - counts[i], reverse=True)[: k - sum(counts)]:
         counts[i] += 1
-    return dict(zip(KINDS, counts))
+    return dict(zip(KINDS, counts, strict=False))
 
 
 @dataclass
@@ -80,8 +80,9 @@ class DemonstrationPool:
     label: str = LABEL
 
     @classmethod
-    def build(cls, records: list[EditRequest], encoder: SentenceEncoder, cache_dir: Path | None,
-              label: str = LABEL) -> DemonstrationPool:
+    def build(
+        cls, records: list[EditRequest], encoder: SentenceEncoder, cache_dir: Path | None, label: str = LABEL
+    ) -> DemonstrationPool:
         demos = [dict(demonstrations_of(r, label)) for r in records]
         facts = [fact_text(r.prompt, r.target_new) for r in records]
         return cls(demos, embed_cached(encoder, facts, cache_dir), [r.subject.strip().lower() for r in records], label)
@@ -110,8 +111,9 @@ class DemonstrationPool:
         chosen.sort(key=lambda c: (c[0], c[1]))
         return [text for _, _, text in chosen]
 
-    def context(self, encoder: SentenceEncoder, request: EditRequest, counts: dict[str, int],
-                copy_new_fact: bool = True) -> str:
+    def context(
+        self, encoder: SentenceEncoder, request: EditRequest, counts: dict[str, int], copy_new_fact: bool = True
+    ) -> str:
         """C(f*, t*): the retrieved demonstrations, (with ``copy_new_fact``) the copy demonstration of
         the new fact itself, then the new fact and the input's label."""
         prompt, target = request.prompt, request.target_new

@@ -12,9 +12,10 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
 from kedit_core.progress import step
 from kedit_core.trainer import save_tensors
-from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,13 @@ class SentenceEncoder:
             return torch.zeros(0, self.dim)
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -34,7 +34,6 @@ from .encoder import ENCODER_ID, shared_encoder
 from .memory import Memory, attach_memory, require_tokenizer
 from .serac import identity_params
 
-
 PACKAGED_POOL = "ike_pool.json"
 
 
@@ -65,8 +64,15 @@ class IKE(EditMethod):
     kind = PatchKind.MEMORY
     preset_package = "kedit_serac"
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: IKEHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: IKEHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         encoder = shared_encoder()
         pool_file = hparams.pool or (str(ctx.checkpoint) if ctx.checkpoint is not None else packaged_pool())
         pool = self._pool(pool_file, hparams.pool_limit, hparams.label, ctx)
@@ -74,8 +80,13 @@ class IKE(EditMethod):
         contexts = [pool.context(encoder, r, counts, hparams.copy_new_fact) for r in requests]
         keys = encoder.embed([new_fact(r.prompt, r.target_new) for r in requests])
         return Edit(
-            state={"memory": {"keys": keys}}, fingerprint_params=identity_params(model),
-            extra={"encoder": ENCODER_ID, "contexts": contexts, "pool": {"source": pool_file or "", "records": len(pool)}},
+            state={"memory": {"keys": keys}},
+            fingerprint_params=identity_params(model),
+            extra={
+                "encoder": ENCODER_ID,
+                "contexts": contexts,
+                "pool": {"source": pool_file or "", "records": len(pool)},
+            },
         )
 
     def _pool(self, pool_file: str | None, limit: int | None, label: str, ctx: EditContext) -> DemonstrationPool:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,8 +115,16 @@ class MemoryRouter:
         bos = self.tokenizer.bos_token_id
         return bos is not None and bool(row) and row[0] == bos and bool(ctx) and ctx[0] == bos
 
-    def _run_full(self, module: nn.Module, memory: Memory, e: int, idx: list[int], rows: list[list[int]],
-                  mask: torch.Tensor, out: torch.Tensor) -> None:
+    def _run_full(
+        self,
+        module: nn.Module,
+        memory: Memory,
+        e: int,
+        idx: list[int],
+        rows: list[list[int]],
+        mask: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
         """Run ``ctx ⊕ row`` for each row in ``idx``; write the row positions' hidden states into ``out``."""
         seqs, places = [], []
         for i in idx:
@@ -131,8 +140,16 @@ class MemoryRouter:
             dst, src = places[j]
             out[i, dst.to(out.device)] = cf[j, src.to(cf.device)].to(out.dtype)
 
-    def _run_cached(self, module: nn.Module, memory: Memory, e: int, idx: list[int], rows: list[list[int]],
-                    mask: torch.Tensor, out: torch.Tensor) -> None:
+    def _run_cached(
+        self,
+        module: nn.Module,
+        memory: Memory,
+        e: int,
+        idx: list[int],
+        rows: list[list[int]],
+        mask: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
         """As :meth:`_run_full`, reading the context's keys and values from a cache computed once per edit."""
         ctx = memory.context_ids[e]
         if e not in memory.kv:
@@ -149,8 +166,13 @@ class MemoryRouter:
             kv = copy.deepcopy(cache)
             kv.batch_repeat_interleave(len(idx))
             attn = torch.cat([torch.ones(len(idx), len(ctx), dtype=m.dtype), m], dim=1)
-            res = module(input_ids=ids.to(out.device), attention_mask=attn.to(out.device), use_cache=True,
-                         cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device), **{_cache_kw(module): kv})
+            res = module(
+                input_ids=ids.to(out.device),
+                attention_mask=attn.to(out.device),
+                use_cache=True,
+                cache_position=torch.arange(len(ctx), len(ctx) + width, device=out.device),
+                **{_cache_kw(module): kv},
+            )
             hid = res.last_hidden_state
         for j, (i, skip) in enumerate(zip(idx, skips, strict=True)):
             dst = mask[i].bool().nonzero()[:, 0].to(out.device)

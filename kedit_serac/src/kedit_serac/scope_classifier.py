@@ -32,7 +32,10 @@ class ScopeClassifier(nn.Module):
         return self.scale * self.project(query_emb) @ self.project(edit_emb).T + self.bias
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach().clone().float().reshape(-1 if k != "proj" else self.proj.shape) for k in STATE_KEYS}
+        return {
+            k: getattr(self, k).detach().clone().float().reshape(-1 if k != "proj" else self.proj.shape)
+            for k in STATE_KEYS
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ScopeClassifier:

@@ -107,19 +107,31 @@ class SERAC(EditMethod):
     def _checkpoints(self) -> CheckpointCache:
         return CheckpointCache()
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: SERACHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: SERACHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         ckpt = self._checkpoints.read(checkpoint_dir(ctx))
         encoder = shared_encoder()
         demos = check_scope_checkpoint(ckpt, encoder.dim)[: hparams.n_demonstrations]
         keys = encoder.embed([edit_text(r) for r in requests])
         return Edit(
-            state={"scope_classifier": {k: ckpt.tensors[k].float().clone() for k in STATE_KEYS},
-                   "memory": {"keys": keys}},
+            state={
+                "scope_classifier": {k: ckpt.tensors[k].float().clone() for k in STATE_KEYS},
+                "memory": {"keys": keys},
+            },
             fingerprint_params=identity_params(model),
-            extra={"encoder": ENCODER_ID, "threshold": hparams.threshold,
-                   "contexts": [context(demos, r.prompt, r.target_new) for r in requests],
-                   "checkpoint": {"source": str(ckpt.directory), "id": ckpt.id}},
+            extra={
+                "encoder": ENCODER_ID,
+                "threshold": hparams.threshold,
+                "contexts": [context(demos, r.prompt, r.target_new) for r in requests],
+                "checkpoint": {"source": str(ckpt.directory), "id": ckpt.id},
+            },
         )
 
     def attach(self, target: ModelContext, patch: Patch) -> Detach:
@@ -134,10 +146,22 @@ class SERAC(EditMethod):
         route = scope_router(classifier, keys, float(extra["threshold"]))
         return attach_memory(target.model, tokenizer, Memory(contexts, route))
 
-    def trainer(self, model, tokenizer, hparams: SERACHyperparams, arch: ArchitectureSpec, ctx: EditContext, *,
-                train: list[EditRequest], val: list[EditRequest] | None, out_dir: Path) -> ScopeTrainer:
+    def trainer(
+        self,
+        model,
+        tokenizer,
+        hparams: SERACHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+        *,
+        train: list[EditRequest],
+        val: list[EditRequest] | None,
+        out_dir: Path,
+    ) -> ScopeTrainer:
         """The scope classifier's trainer (the counterfactual model is the base model in context)."""
-        return ScopeTrainer(hparams, out_dir, train, val, shared_encoder(), ctx.cache_dir / "serac", progress=ctx.progress)
+        return ScopeTrainer(
+            hparams, out_dir, train, val, shared_encoder(), ctx.cache_dir / "serac", progress=ctx.progress
+        )
 
 
 def scope_router(classifier: ScopeClassifier, keys: torch.Tensor, threshold: float):
@@ -151,4 +175,3 @@ def scope_router(classifier: ScopeClassifier, keys: torch.Tensor, threshold: flo
         return [(int(i), float(p)) if p > threshold else None for p, i in zip(best.tolist(), idx.tolist(), strict=True)]
 
     return route
-

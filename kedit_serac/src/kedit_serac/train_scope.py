@@ -45,8 +45,16 @@ def out_of_scope_inputs(r: EditRequest) -> list[str]:
 
 
 class ScopeTrainer(BaseTrainer):
-    def __init__(self, hparams: Any, out_dir: Path, train: list[EditRequest], val: list[EditRequest] | None,
-                 encoder: SentenceEncoder, cache_dir: Path | None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        hparams: Any,
+        out_dir: Path,
+        train: list[EditRequest],
+        val: list[EditRequest] | None,
+        encoder: SentenceEncoder,
+        cache_dir: Path | None,
+        progress: bool = True,
+    ) -> None:
         super().__init__(hparams, out_dir, train, val, progress=progress)
         records = self.train_data + self.val_data
         texts: dict[str, int] = {}
@@ -87,5 +95,9 @@ class ScopeTrainer(BaseTrainer):
         with torch.no_grad():
             pos_acc = (logits[pos_mask] > 0).float().mean()
             neg_acc = (hardest < 0).float().mean()
-        return {"edit": edit_loss, "locality": 0.5 * (all_neg + hard_neg), "in_scope_acc": pos_acc,
-                "out_of_scope_acc": neg_acc}
+        return {
+            "edit": edit_loss,
+            "locality": 0.5 * (all_neg + hard_neg),
+            "in_scope_acc": pos_acc,
+            "out_of_scope_acc": neg_acc,
+        }

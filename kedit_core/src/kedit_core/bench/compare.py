@@ -52,6 +52,7 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, tolerance: float = 0.0)
             continue
         delta = vb - va if va is not None and vb is not None else None
         rel = delta / abs(va) if delta is not None and va else None
-        rows.append({"table": key[0], "method": key[1], "column": key[2], "old": va, "new": vb,
-                     "delta": delta, "relative": rel})
+        rows.append(
+            {"table": key[0], "method": key[1], "column": key[2], "old": va, "new": vb, "delta": delta, "relative": rel}
+        )
     return {"identity": identity, "changes": rows, "old_date": old.get("date"), "new_date": new.get("date")}

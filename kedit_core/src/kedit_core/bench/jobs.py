@@ -61,8 +61,15 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
     if model is not None:
         editor = Editor(spec.method, model, tokenizer, hparams=spec.hparams, checkpoint=spec.checkpoint)
     else:  # a child process: its progress bar goes to the job's log
-        editor = Editor(spec.method, spec.model, hparams=spec.hparams, checkpoint=spec.checkpoint,
-                        device=spec.device, dtype=spec.dtype, progress=True)
+        editor = Editor(
+            spec.method,
+            spec.model,
+            hparams=spec.hparams,
+            checkpoint=spec.checkpoint,
+            device=spec.device,
+            dtype=spec.dtype,
+            progress=True,
+        )
     load_s = time.perf_counter() - t0
     requests = load_requests(spec.data, limit=spec.start + spec.n)[spec.start :]
     result = editor.edit(requests, sequential=spec.sequential, batch_size=spec.batch_size, fluency=spec.fluency)

@@ -35,12 +35,18 @@ def _machine() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "gpu": gpu}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+    }
 
 
-def build_document(config: BenchConfig, jobs: list[PlannedJob], results: dict[str, dict[str, Any]],
-                   registry: Any, command: str) -> dict[str, Any]:
+def build_document(
+    config: BenchConfig, jobs: list[PlannedJob], results: dict[str, dict[str, Any]], registry: Any, command: str
+) -> dict[str, Any]:
     from ..plugins import core_version
 
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
@@ -62,18 +68,28 @@ def build_document(config: BenchConfig, jobs: list[PlannedJob], results: dict[st
             "sequential": _data_subset(config.zsre, config.zsre_start, config.sequential_n),
         },
         "load_avg_max": max((max(r.get("load_avg", [0.0])) for r in ok), default=None),
-        "jobs": {"total": len(jobs),
-                 "failed": sum("error" in results.get(j.key, {"error": 1}) and not results.get(j.key, {}).get("not_run")
-                               for j in jobs),
-                 "cached": sum(bool(results.get(j.key, {}).get("cached")) for j in jobs),
-                 "wall_s_sum": round(sum(r.get("wall_s", 0.0) for r in ok), 1),
-                 "workers": config.workers,
-                 "span_s": _span(ok)},
+        "jobs": {
+            "total": len(jobs),
+            "failed": sum(
+                "error" in results.get(j.key, {"error": 1}) and not results.get(j.key, {}).get("not_run") for j in jobs
+            ),
+            "cached": sum(bool(results.get(j.key, {}).get("cached")) for j in jobs),
+            "wall_s_sum": round(sum(r.get("wall_s", 0.0) for r in ok), 1),
+            "workers": config.workers,
+            "span_s": _span(ok),
+        },
         "speed_n": config.speed_n,
-        "table1": [], "table2": [], "counterfact": [], "sequential": [],
+        "table1": [],
+        "table2": [],
+        "counterfact": [],
+        "sequential": [],
         "notes": {m: o.note for m, o in config.options.items() if o.note and m in by_method},
-        "errors": {f"{m} {k}": r["error"] for m, kinds in by_method.items() for k, r in kinds.items()
-                   if "error" in r and not r.get("not_run")},
+        "errors": {
+            f"{m} {k}": r["error"]
+            for m, kinds in by_method.items()
+            for k, r in kinds.items()
+            if "error" in r and not r.get("not_run")
+        },
         "not_run": sorted(f"{m} {k}" for m, kinds in by_method.items() for k, r in kinds.items() if r.get("not_run")),
         "stale": sorted(f"{m} {k}" for m, kinds in by_method.items() for k, r in kinds.items() if r.get("stale")),
     }
@@ -86,24 +102,46 @@ def build_document(config: BenchConfig, jobs: list[PlannedJob], results: dict[st
         ten_batch = batch["edit_s_total"] * 10 / batch["n"] if batch.get("edit_s_total") is not None else None
         peaks = [r["peak_rss_mb"] for r in (cf, batch) if r.get("peak_rss_mb")]
         cuda = [r["peak_cuda_mb"] for r in (cf, batch) if r.get("peak_cuda_mb")]
-        doc["table1"].append({
-            "method": name, "package": info.package, "version": info.version,
-            "batch": caps["batch"], "sequential": caps["sequential"], "training": caps["training"],
-            "edit_area": caps["edit_area"], "s_10_edits": ten, "s_10_edits_batch": ten_batch,
-            "peak_rss_mb": max(peaks) if peaks else None, "peak_vram_mb": max(cuda) if cuda else None,
-            "patch_kb": cf["patch_bytes_mean"] / 1024 if cf.get("patch_bytes_mean") is not None else None,
-        })
+        doc["table1"].append(
+            {
+                "method": name,
+                "package": info.package,
+                "version": info.version,
+                "batch": caps["batch"],
+                "sequential": caps["sequential"],
+                "training": caps["training"],
+                "edit_area": caps["edit_area"],
+                "s_10_edits": ten,
+                "s_10_edits_batch": ten_batch,
+                "peak_rss_mb": max(peaks) if peaks else None,
+                "peak_vram_mb": max(cuda) if cuda else None,
+                "patch_kb": cf["patch_bytes_mean"] / 1024 if cf.get("patch_bytes_mean") is not None else None,
+            }
+        )
         if zs.get("metrics") is not None:
-            doc["table2"].append({"method": name, "n": zs["n"], **{m: zs["metrics"].get(m) for m in metric_names("zsre")},
-                                  "fluency_pre": zs["metrics_pre"].get("fluency"),
-                                  "s_per_edit": statistics.mean(zs["edit_seconds"]) if zs.get("edit_seconds") else None})
+            doc["table2"].append(
+                {
+                    "method": name,
+                    "n": zs["n"],
+                    **{m: zs["metrics"].get(m) for m in metric_names("zsre")},
+                    "fluency_pre": zs["metrics_pre"].get("fluency"),
+                    "s_per_edit": statistics.mean(zs["edit_seconds"]) if zs.get("edit_seconds") else None,
+                }
+            )
         if cf.get("metrics") is not None:
-            doc["counterfact"].append({"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in metric_names("counterfact")}})
+            doc["counterfact"].append(
+                {"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in metric_names("counterfact")}}
+            )
         if seq.get("metrics") is not None:
-            doc["sequential"].append({"method": name, "n": seq["n"],
-                                      "final": {m: seq["metrics"].get(m) for m in metric_names("sequential")},
-                                      "after_each": {m: seq["metrics_after_each"].get(m) for m in metric_names("sequential")},
-                                      "per_request": seq["per_request"]})
+            doc["sequential"].append(
+                {
+                    "method": name,
+                    "n": seq["n"],
+                    "final": {m: seq["metrics"].get(m) for m in metric_names("sequential")},
+                    "after_each": {m: seq["metrics_after_each"].get(m) for m in metric_names("sequential")},
+                    "per_request": seq["per_request"],
+                }
+            )
     pre_zs = next((r for r in (by_method[m].get("zsre", {}) for m in by_method) if r.get("metrics_pre")), None)
     pre_cf = next((r for r in (by_method[m].get("counterfact", {}) for m in by_method) if r.get("metrics_pre")), None)
     doc["unedited"] = {
@@ -148,8 +186,11 @@ def _load_warning(doc: dict[str, Any]) -> list[str]:
     load, cores = doc.get("load_avg_max"), doc["machine"]["cpu_count"] or 1
     if load is None or load <= cores:
         return []
-    return [f"*The machine was shared while this ran (load average up to {load:.1f} on {cores} cores): times "
-            "are upper bounds.*", ""]
+    return [
+        f"*The machine was shared while this ran (load average up to {load:.1f} on {cores} cores): times "
+        "are upper bounds.*",
+        "",
+    ]
 
 
 def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
@@ -169,35 +210,73 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
         "of one edit's patch.",
         "",
     ]
-    rows = [[r["method"], _f(r["batch"]), _f(r["sequential"]), _f(r["training"]), r["edit_area"],
-             _f(r["s_10_edits"], 1), _f(r["s_10_edits_batch"], 1), _f(r["peak_rss_mb"], 0),
-             _f(r["patch_kb"], 1)] + ([_f(r["peak_vram_mb"], 0)] if doc["machine"]["gpu"] else [])
-            for r in doc["table1"]]
-    header = ["method", "batch", "sequential", "training", "edit area", "10 edits (s)", "10 edits, batch (s)",
-              "peak RSS (MB)", "patch (KB)"] + (["peak VRAM (MB)"] if doc["machine"]["gpu"] else [])
+    rows = [
+        [
+            r["method"],
+            _f(r["batch"]),
+            _f(r["sequential"]),
+            _f(r["training"]),
+            r["edit_area"],
+            _f(r["s_10_edits"], 1),
+            _f(r["s_10_edits_batch"], 1),
+            _f(r["peak_rss_mb"], 0),
+            _f(r["patch_kb"], 1),
+        ]
+        + ([_f(r["peak_vram_mb"], 0)] if doc["machine"]["gpu"] else [])
+        for r in doc["table1"]
+    ]
+    header = [
+        "method",
+        "batch",
+        "sequential",
+        "training",
+        "edit area",
+        "10 edits (s)",
+        "10 edits, batch (s)",
+        "peak RSS (MB)",
+        "patch (KB)",
+    ] + (["peak VRAM (MB)"] if doc["machine"]["gpu"] else [])
     out += [_md_table(header, rows), ""]
     zs = d["zsre"]
-    out += [f"**Table 2** — ZsRE `{zs['file']}` records {zs['start']}–{zs['start'] + zs['n'] - 1} (fewer where *n* "
-            "says so), each edit from the unedited model; EasyEdit token accuracy; fluency = n-gram entropy of "
-            "greedy generations (unedited in the first row).", ""]
+    out += [
+        f"**Table 2** — ZsRE `{zs['file']}` records {zs['start']}–{zs['start'] + zs['n'] - 1} (fewer where *n* "
+        "says so), each edit from the unedited model; EasyEdit token accuracy; fluency = n-gram entropy of "
+        "greedy generations (unedited in the first row).",
+        "",
+    ]
     pre = doc["unedited"]["zsre"] or {}
     rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("zsre")] + ["–"]]
-    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("zsre")] + [_f(r["s_per_edit"], 2)]
-             for r in doc["table2"]]
-    out += [_md_table(["method", "n", "reliability", "generalization", "locality", "portability", "fluency",
-                       "s/edit"], rows), ""]
+    rows += [
+        [r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("zsre")] + [_f(r["s_per_edit"], 2)]
+        for r in doc["table2"]
+    ]
+    out += [
+        _md_table(
+            ["method", "n", "reliability", "generalization", "locality", "portability", "fluency", "s/edit"], rows
+        ),
+        "",
+    ]
     cf = d["counterfact"]
-    out += [f"**CounterFact** `{cf['file']}` first {cf['n']} records: efficacy / paraphrase / neighborhood score "
-            "(P(new) > P(true); neighborhood: P(true) > P(new)).", ""]
+    out += [
+        f"**CounterFact** `{cf['file']}` first {cf['n']} records: efficacy / paraphrase / neighborhood score "
+        "(P(new) > P(true); neighborhood: P(true) > P(new)).",
+        "",
+    ]
     pre = doc["unedited"]["counterfact"] or {}
     rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("counterfact")]]
     rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("counterfact")] for r in doc["counterfact"]]
     out += [_md_table(["method", "n", "ES", "PS", "NS"], rows), ""]
     sq = d["sequential"]
-    out += [f"**Sequential editing** — ZsRE records {sq['start']}–{sq['start'] + sq['n'] - 1} edited one after "
-            "another: scores of all edits on the final model (after each edit in parentheses).", ""]
-    rows = [[r["method"], str(r["n"])] + [f"{_f(r['final'][m])} ({_f(r['after_each'][m])})" for m in metric_names("sequential")]
-            for r in doc["sequential"]]
+    out += [
+        f"**Sequential editing** — ZsRE records {sq['start']}–{sq['start'] + sq['n'] - 1} edited one after "
+        "another: scores of all edits on the final model (after each edit in parentheses).",
+        "",
+    ]
+    rows = [
+        [r["method"], str(r["n"])]
+        + [f"{_f(r['final'][m])} ({_f(r['after_each'][m])})" for m in metric_names("sequential")]
+        for r in doc["sequential"]
+    ]
     out += [_md_table(["method", "n"] + metric_names("sequential"), rows), ""]
     if figure:
         out += [f"![metrics against the number of sequential edits]({figure})", ""]
@@ -208,8 +287,10 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
     if doc.get("not_run"):
         out.append(f"- not run yet (no result in the job cache): {', '.join(doc['not_run'])}")
     if doc.get("stale"):
-        out.append(f"- computed with an earlier source of the method or of kedit-core (reused with --reuse-stale): "
-                   f"{', '.join(doc['stale'])}")
+        out.append(
+            f"- computed with an earlier source of the method or of kedit-core (reused with --reuse-stale): "
+            f"{', '.join(doc['stale'])}"
+        )
     return "\n".join(out).rstrip() + "\n"
 
 

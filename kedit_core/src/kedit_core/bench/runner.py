@@ -57,24 +57,45 @@ def plan(config: BenchConfig, registry: Any) -> list[PlannedJob]:
         opt = config.option(name)
         bad = set(opt.skip) - set(JOB_KINDS)
         if bad:
-            raise KeditError(f"bench options for {name!r}: unknown job kinds {sorted(bad)} (known: {', '.join(JOB_KINDS)})")
+            raise KeditError(
+                f"bench options for {name!r}: unknown job kinds {sorted(bad)} (known: {', '.join(JOB_KINDS)})"
+            )
 
         def cap(n: int, limit: int | None = opt.max_records) -> int:
             return min(n, limit) if limit else n
 
-        common = {"method": name, "model": config.model, "hparams": opt.hparams, "checkpoint": opt.checkpoint,
-                  "device": config.device, "dtype": config.dtype, "threads": config.threads}
+        common = {
+            "method": name,
+            "model": config.model,
+            "hparams": opt.hparams,
+            "checkpoint": opt.checkpoint,
+            "device": config.device,
+            "dtype": config.dtype,
+            "threads": config.threads,
+        }
         wanted = {
             "counterfact": JobSpec("counterfact", data=config.counterfact, n=cap(config.counterfact_n), **common),
-            "zsre": JobSpec("zsre", data=config.zsre, n=cap(config.zsre_n), start=config.zsre_start,
-                            fluency=config.fluency, **common),
+            "zsre": JobSpec(
+                "zsre",
+                data=config.zsre,
+                n=cap(config.zsre_n),
+                start=config.zsre_start,
+                fluency=config.fluency,
+                **common,
+            ),
         }
         if method.supports_batch:
             n = cap(config.speed_n)
             wanted["batch"] = JobSpec("batch", data=config.counterfact, n=n, batch_size=n, **common)
         if method.supports_sequential:
-            wanted["sequential"] = JobSpec("sequential", data=config.zsre, n=cap(config.sequential_n),
-                                           start=config.zsre_start, sequential=True, **common)
+            wanted["sequential"] = JobSpec(
+                "sequential",
+                data=config.zsre,
+                n=cap(config.sequential_n),
+                start=config.zsre_start,
+                sequential=True,
+                **common,
+            )
         for kind in JOB_KINDS:
             if kind in wanted and kind not in opt.skip:
                 spec = wanted[kind]
@@ -98,8 +119,12 @@ def source_hash(module: str) -> str:
         return "?"
     root = Path(next(iter(spec.submodule_search_locations)))
     h = hashlib.sha256()
-    files = [p for ext in ("*.py", "*.yaml", "*.json") for p in root.rglob(ext)
-             if "__pycache__" not in p.parts and "cli" not in p.relative_to(root).parts]
+    files = [
+        p
+        for ext in ("*.py", "*.yaml", "*.json")
+        for p in root.rglob(ext)
+        if "__pycache__" not in p.parts and "cli" not in p.relative_to(root).parts
+    ]
     _hash_files(files, root, h)
     return h.hexdigest()
 
@@ -127,10 +152,20 @@ def job_key(spec: JobSpec) -> str:
     return f"{spec.method}-{spec.kind}-{digest}"
 
 
-def run_jobs(jobs: list[PlannedJob], out_dir: Path, *, force: bool = False, isolate: bool = True,
-             model: Any = None, tokenizer: Any = None, progress: bool = True, reuse_stale: bool = False,
-             run_missing: bool = True, workers: int = 1,
-             on_result: Callable[[PlannedJob, dict], None] | None = None) -> dict[str, dict[str, Any]]:
+def run_jobs(
+    jobs: list[PlannedJob],
+    out_dir: Path,
+    *,
+    force: bool = False,
+    isolate: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+    reuse_stale: bool = False,
+    run_missing: bool = True,
+    workers: int = 1,
+    on_result: Callable[[PlannedJob, dict], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Run (or reuse) every job; returns ``{key: result}`` in the jobs' order. A failed job's result
     has an ``error``. ``workers`` > 1 runs that many job processes at once (isolated jobs only)."""
     job_dir = out_dir / "jobs"
@@ -159,8 +194,9 @@ def run_jobs(jobs: list[PlannedJob], out_dir: Path, *, force: bool = False, isol
     try:
         if workers > 1 and isolate and len(todo) > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:  # each thread waits on one job process
-                futures = {pool.submit(_run_one, job, job_dir / f"{job.key}.json", True, None, None): job
-                           for job in todo}
+                futures = {
+                    pool.submit(_run_one, job, job_dir / f"{job.key}.json", True, None, None): job for job in todo
+                }
                 for future in as_completed(futures):
                     finish(futures[future], future.result())
         else:
@@ -213,8 +249,12 @@ def _run_one(job: PlannedJob, path: Path, isolate: bool, model: Any, tokenizer: 
     atomic_write_text(spec_path, json.dumps(job.spec.to_dict()))
     path.unlink(missing_ok=True)
     with open(path.with_suffix(".log"), "w") as logf:
-        proc = subprocess.run([sys.executable, "-m", "kedit_core.bench.jobs", str(spec_path), str(path)],
-                              stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.run(
+            [sys.executable, "-m", "kedit_core.bench.jobs", str(spec_path), str(path)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
     result = _read(path)
     if result is not None and proc.returncode == 0:
         result["sources"] = dict(job.sources)

@@ -13,7 +13,6 @@ from ..evaluate.metrics import metric_names
 from .options import echo_json, fmt, model_options, table
 
 
-
 def check_method(method: str) -> None:
     """Refuse an unknown or ambiguous method name before torch is imported."""
     from ..plugins import get_registry
@@ -21,8 +20,16 @@ def check_method(method: str) -> None:
     get_registry().lookup(method)
 
 
-def _editor(method: str, model: str, hparams: str | None, device: str, dtype: str, device_map: str | None,
-            checkpoint: str | None, progress: bool) -> Any:
+def _editor(
+    method: str,
+    model: str,
+    hparams: str | None,
+    device: str,
+    dtype: str,
+    device_map: str | None,
+    checkpoint: str | None,
+    progress: bool,
+) -> Any:
     """Method, hyperparameters and dtype are checked before the (slow) model load."""
     from .. import progress as steps
     from ..models import check_dtype, model_key
@@ -34,8 +41,16 @@ def _editor(method: str, model: str, hparams: str | None, device: str, dtype: st
     edit_method = get_registry().method(method)
     hp = edit_method.load_hparams(hparams, model_key(model))
     with steps.step(f"loading {model}"):
-        return Editor(edit_method, model, hparams=hp, device=device, dtype=dtype, device_map=device_map,
-                      checkpoint=checkpoint, progress=progress)
+        return Editor(
+            edit_method,
+            model,
+            hparams=hp,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            checkpoint=checkpoint,
+            progress=progress,
+        )
 
 
 @click.command()
@@ -48,13 +63,40 @@ def _editor(method: str, model: str, hparams: str | None, device: str, dtype: st
 @click.option("--rephrase", multiple=True, help="A paraphrase of the prompt (repeatable).")
 @click.option("--locality-prompt", multiple=True, help="An unrelated prompt whose answer must not change (repeatable).")
 @click.option("--locality-answer", multiple=True, help="Its answer, one per --locality-prompt.")
-@click.option("--hparams", type=click.Path(dir_okay=False), default=None, help="YAML/JSON hyperparameters (default: the method's preset).")
+@click.option(
+    "--hparams",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML/JSON hyperparameters (default: the method's preset).",
+)
 @click.option("--checkpoint", type=click.Path(), default=None, help="Trained editor directory (MEND, SERAC, ...).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Where to write the patch [out/<method>-<id>.kedit.safetensors].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the patch [out/<method>-<id>.kedit.safetensors].",
+)
 @click.option("--max-new-tokens", default=12, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def edit(method, model, device, dtype, device_map, prompt, subject, target, ground_truth, rephrase, locality_prompt,
-         locality_answer, hparams, checkpoint, out, max_new_tokens, as_json) -> None:
+def edit(
+    method,
+    model,
+    device,
+    dtype,
+    device_map,
+    prompt,
+    subject,
+    target,
+    ground_truth,
+    rephrase,
+    locality_prompt,
+    locality_answer,
+    hparams,
+    checkpoint,
+    out,
+    max_new_tokens,
+    as_json,
+) -> None:
     """Make one edit, print completions and metrics before and after, and write the patch."""
     from ..request import EditRequest
 
@@ -62,8 +104,12 @@ def edit(method, model, device, dtype, device_map, prompt, subject, target, grou
         raise click.UsageError("give one --locality-answer per --locality-prompt")
     check_method(method)
     request = EditRequest.create(
-        prompt=prompt, subject=subject, target_new=target, ground_truth=ground_truth, rephrase_prompts=list(rephrase),
-        locality=[{"prompt": p, "target": a} for p, a in zip(locality_prompt, locality_answer)],
+        prompt=prompt,
+        subject=subject,
+        target_new=target,
+        ground_truth=ground_truth,
+        rephrase_prompts=list(rephrase),
+        locality=[{"prompt": p, "target": a} for p, a in zip(locality_prompt, locality_answer, strict=False)],
     )
     mark = progress.mark()
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=False)
@@ -92,10 +138,18 @@ def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str |
     path = Path(out) if out else Path("out") / f"{patch.method}-{patch.patch_id}.kedit.safetensors"
     patch.save(path)
     return {
-        "method": editor.method.name, "model": editor.model_info.id, "patch": str(path), "patch_id": patch.patch_id,
-        "patch_bytes": path.stat().st_size, "edit_seconds": result.edit_seconds[0],
-        "completions": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
-        "metrics_pre": result.pre[0], "metrics_post": result.post[0], "peak_rss_mb": result.peak_rss_mb,
+        "method": editor.method.name,
+        "model": editor.model_info.id,
+        "patch": str(path),
+        "patch_id": patch.patch_id,
+        "patch_bytes": path.stat().st_size,
+        "edit_seconds": result.edit_seconds[0],
+        "completions": [
+            {"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=False)
+        ],
+        "metrics_pre": result.pre[0],
+        "metrics_post": result.post[0],
+        "peak_rss_mb": result.peak_rss_mb,
         "_edit_itself_s": max(0.0, edit_itself),
     }
 
@@ -106,8 +160,13 @@ def _time_report(mark: int, edit_itself: float) -> dict[str, Any]:
     one_time = [{"step": s.what, "seconds": s.seconds} for s in steps if s.one_time]
     one_time_s = sum(s["seconds"] for s in one_time)
     total = sum(s.seconds for s in steps if not s.one_time)
-    return {"total_s": total, "one_time_s": one_time_s, "one_time": one_time, "edit_itself_s": edit_itself,
-            "phases": [{"step": s.what, "seconds": s.seconds} for s in steps if not s.one_time]}
+    return {
+        "total_s": total,
+        "one_time_s": one_time_s,
+        "one_time": one_time,
+        "edit_itself_s": edit_itself,
+        "phases": [{"step": s.what, "seconds": s.seconds} for s in steps if not s.one_time],
+    }
 
 
 def _print_edit(report: dict[str, Any], request: Any) -> None:
@@ -132,9 +191,12 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
 @click.command("eval")
 @click.option("--method", required=True, help="Editing method (see `kedit methods`).")
 @model_options
-@click.option("--data", required=True,
-              help="A shipped data set (counterfact, zsre, zsre-train, counterfact-train) or a CounterFact, ZsRE, "
-                   "EasyEdit or kedit JSON/JSONL file.")
+@click.option(
+    "--data",
+    required=True,
+    help="A shipped data set (counterfact, zsre, zsre-train, counterfact-train) or a CounterFact, ZsRE, "
+    "EasyEdit or kedit JSON/JSONL file.",
+)
 @click.option("--limit", type=int, default=None, help="Use the first N records.")
 @click.option("--batch-size", type=int, default=None, help="Requests per edit (methods that batch).")
 @click.option("--sequential", is_flag=True, help="Keep earlier edits (scored after each edit and at the end).")
@@ -142,11 +204,32 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
 @click.option("--hparams", type=click.Path(dir_okay=False), default=None)
 @click.option("--checkpoint", type=click.Path(), default=None, help="Trained editor directory (MEND, SERAC, ...).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="With --sequential: PNG of metrics against edits.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="With --sequential: save progress here after every edit; the same command run again resumes.")
-def evaluate(method, model, device, dtype, device_map, data, limit, batch_size, sequential, fluency, hparams, checkpoint,
-             json_out, plot, run_dir) -> None:
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="With --sequential: PNG of metrics against edits."
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --sequential: save progress here after every edit; the same command run again resumes.",
+)
+def evaluate(
+    method,
+    model,
+    device,
+    dtype,
+    device_map,
+    data,
+    limit,
+    batch_size,
+    sequential,
+    fluency,
+    hparams,
+    checkpoint,
+    json_out,
+    plot,
+    run_dir,
+) -> None:
     """Edit every request of a data file and print the metric table."""
     from ..fsutil import atomic_write_text
     from ..request import load_requests
@@ -173,14 +256,16 @@ def evaluate(method, model, device, dtype, device_map, data, limit, batch_size, 
     names = [m for m in metric_names() if m in post]
     header = ["metric", "pre", "post (after each)" if sequential else "post"] + (["final"] if sequential else [])
     rows = [[m, pre.get(m), post.get(m)] + ([report["metrics"].get(m)] if sequential else []) for m in names]
-    click.echo(f"{report['method']} on {report['model']}, {report['n']} requests from {data}"
-               f"{' (sequential)' if sequential else ''}, batch size {report['batch_size']}")
+    click.echo(
+        f"{report['method']} on {report['model']}, {report['n']} requests from {data}"
+        f"{' (sequential)' if sequential else ''}, batch size {report['batch_size']}"
+    )
     click.echo(table(rows, header))
-    click.echo(f"time per edit {fmt(report['time_per_edit_s'])} s; peak RSS {report['peak_rss_mb']:.0f} MB"
-               + (f"; peak CUDA {report['peak_cuda_mb']:.0f} MB" if report.get("peak_cuda_mb") else ""))
+    click.echo(
+        f"time per edit {fmt(report['time_per_edit_s'])} s; peak RSS {report['peak_rss_mb']:.0f} MB"
+        + (f"; peak CUDA {report['peak_cuda_mb']:.0f} MB" if report.get("peak_cuda_mb") else "")
+    )
     if json_out:
         click.echo(f"report written to {json_out}")
     if plot:
         click.echo(f"plot written to {plot}")
-
-

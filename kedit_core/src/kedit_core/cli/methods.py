@@ -21,9 +21,16 @@ def methods(as_json: bool) -> None:
     rows = []
     for name, infos in sorted(registry.claims.items()):
         for info in infos:
-            rows.append({"method": name if len(infos) == 1 else info.qualified, "package": info.plugin.package,
-                         "version": info.plugin.version, **info.capabilities(), "presets": sorted(info.presets()),
-                         "clash": len(infos) > 1})
+            rows.append(
+                {
+                    "method": name if len(infos) == 1 else info.qualified,
+                    "package": info.plugin.package,
+                    "version": info.plugin.version,
+                    **info.capabilities(),
+                    "presets": sorted(info.presets()),
+                    "clash": len(infos) > 1,
+                }
+            )
     broken = [{"plugin": b.name, "package": b.package, "version": b.version, "error": b.error} for b in registry.broken]
     if as_json:
         echo_json({"methods": rows, "broken": broken})
@@ -33,7 +40,8 @@ def methods(as_json: bool) -> None:
     click.echo(table([[_yes_no(r[k]) for k in keys] for r in rows], header))
     for name, infos in sorted(registry.clashes.items()):
         who = " and ".join(f"{i.plugin.package} (plugin {i.plugin.name})" for i in infos)
-        click.echo(f"method name {name!r} is registered by {who}: use one of "
-                   f"{', '.join(i.qualified for i in infos)}", err=True)
+        click.echo(
+            f"method name {name!r} is registered by {who}: use one of {', '.join(i.qualified for i in infos)}", err=True
+        )
     for b in broken:
         click.echo(f"broken plugin {b['plugin']} ({b['package']} {b['version']}): {b['error']}", err=True)

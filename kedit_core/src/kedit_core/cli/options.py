@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 
 def model_options(fn: Callable) -> Callable:
-    @click.option("--model", "model", default="gemma3-270m", show_default=True,
-                  help="gemma3-270m (offline default), a local HF directory, a .gguf file, or a HF model id.")
+    @click.option(
+        "--model",
+        "model",
+        default="gemma3-270m",
+        show_default=True,
+        help="gemma3-270m (offline default), a local HF directory, a .gguf file, or a HF model id.",
+    )
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
     @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
     @click.option("--device-map", default=None, help="'auto' shards a large model over the GPUs (accelerate).")
@@ -37,6 +43,6 @@ def fmt(value: Any) -> str:
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

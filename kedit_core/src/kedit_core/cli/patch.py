@@ -24,7 +24,9 @@ def show(path: str, as_json: bool) -> None:
     if as_json:
         echo_json(s)
         return
-    click.echo(f"patch {s['patch_id']}  {s['method']} ({s['kind']})  plugin {s['plugin'] or '-'}  core {s['core_version']}")
+    click.echo(
+        f"patch {s['patch_id']}  {s['method']} ({s['kind']})  plugin {s['plugin'] or '-'}  core {s['core_version']}"
+    )
     click.echo(f"base model: {s['base_model']}")
     click.echo(f"parent: {s['parent'] or '-'}   created: {s['created_at']}   {s['bytes']} bytes of tensors")
     for r in s["requests"]:
@@ -86,7 +88,9 @@ def apply(paths, model, device, dtype, device_map, save_to, prompt, max_new_toke
 
     patches = [Patch.load(p) for p in paths]  # every file is validated before the model is loaded
     if save_to and any(p.kind is not PatchKind.WEIGHT_DELTA for p in patches):
-        raise KeditError("only weight_delta patches can be merged into saved weights; apply module/memory patches at run time")
+        raise KeditError(
+            "only weight_delta patches can be merged into saved weights; apply module/memory patches at run time"
+        )
     check_against_known_weights(patches, model, dtype)
     m, tok, _ = _load(model, device, dtype, device_map)
     for p in patches:

@@ -12,16 +12,29 @@ from .options import echo_json
 
 @click.command()
 @click.option("--method", required=True, help="A method that needs training (see `kedit methods`, column 'training').")
-@click.option("--model", "model", default="gemma3-270m", show_default=True, help="The base model the editor is trained for.")
+@click.option(
+    "--model", "model", default="gemma3-270m", show_default=True, help="The base model the editor is trained for."
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True)
-@click.option("--data", required=True,
-              help="Training records: a shipped data set (zsre-train, counterfact-train) or a ZsRE, CounterFact or "
-                   "EasyEdit JSON file.")
-@click.option("--val", type=click.Path(dir_okay=False), default=None,
-              help="Validation records [default: a seeded val_fraction of --data].")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds a state).")
-@click.option("--hparams", type=click.Path(dir_okay=False), default=None, help="YAML/JSON hyperparameters [the method's preset].")
+@click.option(
+    "--data",
+    required=True,
+    help="Training records: a shipped data set (zsre-train, counterfact-train) or a ZsRE, CounterFact or "
+    "EasyEdit JSON file.",
+)
+@click.option(
+    "--val",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Validation records [default: a seeded val_fraction of --data].",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds a state)."
+)
+@click.option(
+    "--hparams", type=click.Path(dir_okay=False), default=None, help="YAML/JSON hyperparameters [the method's preset]."
+)
 @click.option("--max-steps", type=int, default=None, help="Override the hyperparameters' max_steps.")
 @click.option("--limit", type=int, default=None, help="Use the first N training records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -54,9 +67,11 @@ def train(method, model, device, dtype, data, val, out, hparams, max_steps, limi
     if as_json:
         echo_json(report)
         return
-    click.echo(f"trained {m.name} for {info.id}: {result.steps} steps in {result.seconds:.1f} s"
-               f"{' (early stop)' if result.stopped_early else ''}; best validation loss "
-               f"{result.best_val_loss:.4f} at step {result.best_step}")
+    click.echo(
+        f"trained {m.name} for {info.id}: {result.steps} steps in {result.seconds:.1f} s"
+        f"{' (early stop)' if result.stopped_early else ''}; best validation loss "
+        f"{result.best_val_loss:.4f} at step {result.best_step}"
+    )
     click.echo(f"checkpoint written to {out}; use it with --checkpoint {out}")
     if result.history:
         click.echo("last validation: " + json.dumps(result.history[-1]))

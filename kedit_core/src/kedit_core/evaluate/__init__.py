@@ -4,5 +4,14 @@ fluency (and the CounterFact probability scores); efficiency is measured by the 
 from .evaluator import Evaluator, PairScore, Reference
 from .metrics import PROTOCOLS, Metric, all_metrics, metric_names, ngram_entropy, token_accuracy
 
-__all__ = ["Evaluator", "Metric", "PairScore", "Reference", "PROTOCOLS", "all_metrics", "metric_names", "ngram_entropy",
-           "token_accuracy"]
+__all__ = [
+    "Evaluator",
+    "Metric",
+    "PairScore",
+    "Reference",
+    "PROTOCOLS",
+    "all_metrics",
+    "metric_names",
+    "ngram_entropy",
+    "token_accuracy",
+]

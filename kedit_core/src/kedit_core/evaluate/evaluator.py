@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import KeditError
 from ..ops.logits import logits_at, model_device
 from ..ops.tokens import encode_pairs
 from ..request import EditRequest
-from ..errors import KeditError
 from .metrics import mean, ngram_entropy, token_accuracy
 
 
@@ -78,7 +78,9 @@ class Evaluator:
         return [Reference([next(scores).predicted for _ in r.locality]) for r in requests]
 
     # -- metrics ----------------------------------------------------------------------------------
-    def evaluate(self, requests: list[EditRequest], references: list[Reference] | None = None) -> list[dict[str, float]]:
+    def evaluate(
+        self, requests: list[EditRequest], references: list[Reference] | None = None
+    ) -> list[dict[str, float]]:
         """Per-request metrics. Locality needs the ``references`` taken before the edit; without
         them it is the accuracy of the probes' own answers."""
         return self._evaluate(requests, references)[0]
@@ -87,8 +89,9 @@ class Evaluator:
         """Metrics of the unedited model and, from the same forward passes, the locality references."""
         return self._evaluate(requests, None, self_reference=True)
 
-    def _evaluate(self, requests: list[EditRequest], references: list[Reference] | None,
-                  self_reference: bool = False) -> tuple[list[dict[str, float]], list[Reference]]:
+    def _evaluate(
+        self, requests: list[EditRequest], references: list[Reference] | None, self_reference: bool = False
+    ) -> tuple[list[dict[str, float]], list[Reference]]:
         pairs: list[tuple[str, str]] = []
         index: dict[tuple[str, str], int] = {}
         slots: list[tuple[int, str, int, int]] = []
@@ -119,7 +122,9 @@ class Evaluator:
         table: list[dict[str, dict[int, PairScore]]] = [{} for _ in requests]
         for i, kind, j, k in slots:
             table[i].setdefault(kind, {})[j] = scores[k]
-        own_refs = [Reference([table[i]["loc"][j].predicted for j in range(len(r.locality))]) for i, r in enumerate(requests)]
+        own_refs = [
+            Reference([table[i]["loc"][j].predicted for j in range(len(r.locality))]) for i, r in enumerate(requests)
+        ]
         if self_reference:
             references = own_refs
         out = []
@@ -131,7 +136,9 @@ class Evaluator:
             if r.locality:
                 if references is not None:
                     ref = references[i].locality_tokens
-                    m["locality"] = mean([token_accuracy(t["loc"][j].predicted, ref[j]) for j in range(len(r.locality))])
+                    m["locality"] = mean(
+                        [token_accuracy(t["loc"][j].predicted, ref[j]) for j in range(len(r.locality))]
+                    )
                 else:
                     m["locality"] = mean([s.accuracy for s in t["loc"].values()])
             if r.portability:
@@ -144,7 +151,10 @@ class Evaluator:
                     )
                 if r.neighborhood_prompts:
                     m["neighborhood_score"] = mean(
-                        [float(t["ns_true"][j].mean_nll < t["ns_new"][j].mean_nll) for j in range(len(r.neighborhood_prompts))]
+                        [
+                            float(t["ns_true"][j].mean_nll < t["ns_new"][j].mean_nll)
+                            for j in range(len(r.neighborhood_prompts))
+                        ]
                     )
             out.append(m)
         if self.fluency:
@@ -153,8 +163,9 @@ class Evaluator:
         self._plugin_metrics(out, requests, references)
         return out, own_refs
 
-    def _plugin_metrics(self, out: list[dict[str, float]], requests: list[EditRequest],
-                        references: list[Reference] | None) -> None:
+    def _plugin_metrics(
+        self, out: list[dict[str, float]], requests: list[EditRequest], references: list[Reference] | None
+    ) -> None:
         """Metrics plugins registered (``register_metrics``), each computed on the model as it is now."""
         from ..plugins import get_registry
 
@@ -202,6 +213,6 @@ class Evaluator:
                 owner.append(i)
         texts = self.generate(prompts)
         per: list[list[float]] = [[] for _ in requests]
-        for i, p, text in zip(owner, prompts, texts):
+        for i, p, text in zip(owner, prompts, texts, strict=False):
             per[i].append(ngram_entropy(p + " " + text))
         return [mean(v) or 0.0 for v in per]

@@ -27,18 +27,33 @@ class Metric:
 
 
 BUILTIN_METRICS: tuple[Metric, ...] = (
-    Metric("reliability", "easyedit-token-accuracy: teacher-forced argmax accuracy on the tokens of ' '+target_new "
-           "after the edit prompt", ("zsre", "sequential")),
+    Metric(
+        "reliability",
+        "easyedit-token-accuracy: teacher-forced argmax accuracy on the tokens of ' '+target_new after the edit prompt",
+        ("zsre", "sequential"),
+    ),
     Metric("generalization", "easyedit-token-accuracy on the rephrased prompts", ("zsre", "sequential")),
-    Metric("locality", "easyedit-token-agreement: share of teacher-forced argmax tokens on locality probes unchanged "
-           "by the edit", ("zsre", "sequential")),
+    Metric(
+        "locality",
+        "easyedit-token-agreement: share of teacher-forced argmax tokens on locality probes unchanged by the edit",
+        ("zsre", "sequential"),
+    ),
     Metric("portability", "easyedit-token-accuracy on the portability (one-hop) probes' answers", ("zsre",)),
-    Metric("efficacy_score", "counterfact-probability: P(target_new) > P(target_true) on the edit prompt (mean "
-           "token NLL)", ("counterfact",)),
-    Metric("paraphrase_score", "counterfact-probability: P(target_new) > P(target_true) on paraphrase prompts",
-           ("counterfact",)),
-    Metric("neighborhood_score", "counterfact-probability: P(target_true) > P(target_new) on neighborhood prompts",
-           ("counterfact",)),
+    Metric(
+        "efficacy_score",
+        "counterfact-probability: P(target_new) > P(target_true) on the edit prompt (mean token NLL)",
+        ("counterfact",),
+    ),
+    Metric(
+        "paraphrase_score",
+        "counterfact-probability: P(target_new) > P(target_true) on paraphrase prompts",
+        ("counterfact",),
+    ),
+    Metric(
+        "neighborhood_score",
+        "counterfact-probability: P(target_true) > P(target_new) on neighborhood prompts",
+        ("counterfact",),
+    ),
     Metric("fluency", "weighted bi/tri-gram entropy of greedy generations (ROME/EasyEdit n-gram entropy)", ("zsre",)),
 )
 
@@ -69,14 +84,14 @@ def token_accuracy(predicted: list[int], target: list[int]) -> float:
     """Share of positions where the argmax token equals the target token."""
     if not target:
         return 0.0
-    return sum(int(p == t) for p, t in zip(predicted, target)) / len(target)
+    return sum(int(p == t) for p, t in zip(predicted, target, strict=False)) / len(target)
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
     """Weighted mean of the n-gram entropies (bits) of a text's word tokens."""
     words = WORD_RE.findall(text.lower())
     values = []
-    for n, w in zip(ns, weights):
+    for n, w in zip(ns, weights, strict=False):
         grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         h = -sum((c / total) * math.log2(c / total) for c in grams.values()) if total else 0.0

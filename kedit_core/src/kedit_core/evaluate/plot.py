@@ -50,8 +50,12 @@ def final_scores(result: Any, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[
     return out
 
 
-def plot_sequential(results: Sequence[tuple[str, Any]], path: str | Path,
-                    metrics: Sequence[str] = DEFAULT_METRICS, title: str | None = None) -> Path:
+def plot_sequential(
+    results: Sequence[tuple[str, Any]],
+    path: str | Path,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    title: str | None = None,
+) -> Path:
     """Write a PNG with one panel per metric and one line per ``(label, EditResult or report)``."""
     import matplotlib
 
@@ -70,8 +74,15 @@ def plot_sequential(results: Sequence[tuple[str, Any]], path: str | Path,
             ax.plot(xs, ys, color=color, label=f"{label} (after each edit)")
             final = final_scores(result, [name]).get(name)
             if final is not None:
-                ax.scatter([len(curve)], [final], color=color, marker="*", s=120, zorder=3,
-                           label=f"{label} (final model): {final:.3f}")
+                ax.scatter(
+                    [len(curve)],
+                    [final],
+                    color=color,
+                    marker="*",
+                    s=120,
+                    zorder=3,
+                    label=f"{label} (final model): {final:.3f}",
+                )
         ax.set_title(name)
         ax.set_xlabel("number of edits")
         ax.set_ylim(-0.02, 1.02)

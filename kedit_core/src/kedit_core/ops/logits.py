@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+def final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any
+) -> torch.Tensor:
     """Last hidden states (after the final norm), ``[B, T, H]``, without computing logits."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -76,7 +76,7 @@ def replay_layers(layers: Any, recorded: dict[int, Any]) -> Iterator[None]:
     patched = []
     try:
         for i, out in recorded.items():
-            layers[i].forward = (lambda *a, _out=out, **k: _out)  # type: ignore[method-assign]
+            layers[i].forward = lambda *a, _out=out, **k: _out  # type: ignore[method-assign]
             patched.append(layers[i])
         yield
     finally:

@@ -71,7 +71,9 @@ def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str], device:
     return EncodedPairs(ids.to(device), mask.to(device), plens, tids)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def encode_prompts(
+    tokenizer: Any, prompts: list[str], device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Right-padded prompts (special tokens included); returns ids, mask and each prompt's length."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs = [tokenizer(p.rstrip())["input_ids"] for p in prompts]

@@ -11,15 +11,16 @@ import logging
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
+
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
+from kedit_core.edit import Edit
 from kedit_core.errors import KeditError, PatchError
 from kedit_core.hparams import Hyperparams
-from kedit_core.edit import Edit
 from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-from pydantic import Field
 
 from ..codebook import DecodingState, TailCache
 from ..fit import fit_targets
@@ -62,8 +63,15 @@ class GRACE(EditMethod):
         self._tails = TailCache(size=8)
 
     # -- editing ---------------------------------------------------------------------------------
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: GraceHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: GraceHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         if len(requests) != 1:
             raise KeditError("grace edits one request at a time (no batch editing)")
         request = requests[0]
@@ -88,9 +96,23 @@ class GRACE(EditMethod):
         else:
             with torch.no_grad():
                 start = base(key[None].to(get_parameter(model, param).dtype))[0].float()
-        value, fit = self._optimize_value(model, tokenizer, arch, prompts[upd.row], request.target_new, hparams,
-                                          path, current, base, new_keys, values, upd.radii.to(device), upd.labels,
-                                          upd.row, start)
+        value, fit = self._optimize_value(
+            model,
+            tokenizer,
+            arch,
+            prompts[upd.row],
+            request.target_new,
+            hparams,
+            path,
+            current,
+            base,
+            new_keys,
+            values,
+            upd.radii.to(device),
+            upd.labels,
+            upd.row,
+            start,
+        )
         if upd.row == values.shape[0]:
             new_values = self._tails.grow(values).append(value[None])
         else:
@@ -99,11 +121,16 @@ class GRACE(EditMethod):
         log.debug("grace %s at %s: entry %d, loss %.4f after %d steps", upd.action, path, upd.row, fit.loss, fit.steps)
         return Edit(
             state={path: {"keys": new_keys, "values": new_values, "radii": upd.radii}},
-            modules=[path], fingerprint_params=[param],
+            modules=[path],
+            fingerprint_params=[param],
             extra={
-                "labels": upd.labels, "prompts": prompts, "metric": hparams.metric,
+                "labels": upd.labels,
+                "prompts": prompts,
+                "metric": hparams.metric,
                 "supersedes": existing.state_id if existing is not None else "",
-                "action": upd.action, "entry": upd.row, "entries": len(upd.labels),
+                "action": upd.action,
+                "entry": upd.row,
+                "entries": len(upd.labels),
                 "fit": {"steps": fit.steps, "loss": fit.loss, "accuracy": fit.accuracy},
             },
         )
@@ -114,11 +141,31 @@ class GRACE(EditMethod):
             return existing.keys.float(), existing.values.float(), existing.radii.float(), list(existing.labels)
         out_dim, in_dim = arch.weight(model, param).shape
         device = get_parameter(model, param).device
-        return (torch.zeros(0, in_dim, device=device), torch.zeros(0, out_dim, device=device),
-                torch.zeros(0, device=device), [])
+        return (
+            torch.zeros(0, in_dim, device=device),
+            torch.zeros(0, out_dim, device=device),
+            torch.zeros(0, device=device),
+            [],
+        )
 
-    def _optimize_value(self, model, tokenizer, arch, prompts, label, hparams, path, current, base,
-                        keys, values, radii, labels, row, start):
+    def _optimize_value(
+        self,
+        model,
+        tokenizer,
+        arch,
+        prompts,
+        label,
+        hparams,
+        path,
+        current,
+        base,
+        keys,
+        values,
+        radii,
+        labels,
+        row,
+        start,
+    ):
         """Install a provisional adaptor whose entry ``row`` is a free tensor; fit it so that every
         prompt the entry answers gets ``label``."""
         table = values if row < values.shape[0] else torch.cat([values, start[None]])
@@ -127,9 +174,18 @@ class GRACE(EditMethod):
         adaptor.trainable = (row, value)
         replace_module(model, path, adaptor)
         try:
-            fit = fit_targets(model, tokenizer, arch, prompts, [label] * len(prompts), [value],
-                              first_layer=arch.check_layer(model, hparams.layer, "layer"), lr=hparams.lr,
-                              max_steps=hparams.max_steps, stop_loss=hparams.stop_loss)
+            fit = fit_targets(
+                model,
+                tokenizer,
+                arch,
+                prompts,
+                [label] * len(prompts),
+                [value],
+                first_layer=arch.check_layer(model, hparams.layer, "layer"),
+                lr=hparams.lr,
+                max_steps=hparams.max_steps,
+                stop_loss=hparams.stop_loss,
+            )
         finally:
             replace_module(model, path, current)
         return value.detach(), fit
@@ -146,8 +202,10 @@ class GRACE(EditMethod):
         labels, metric = extra.get("labels"), extra.get("metric")
         n = keys.shape[0]
         if keys.ndim != 2 or values.ndim != 2 or radii.ndim != 1 or values.shape[0] != n or radii.shape[0] != n:
-            raise PatchError(f"grace patch {patch.patch_id}: codebook shapes disagree "
-                             f"(keys {tuple(keys.shape)}, values {tuple(values.shape)}, radii {tuple(radii.shape)})")
+            raise PatchError(
+                f"grace patch {patch.patch_id}: codebook shapes disagree "
+                f"(keys {tuple(keys.shape)}, values {tuple(values.shape)}, radii {tuple(radii.shape)})"
+            )
         prompts = extra.get("prompts", [[] for _ in range(n)])
         if not isinstance(labels, list) or len(labels) != n or metric not in ("euclidean", "cosine"):
             raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs {n} labels and a metric")
@@ -160,15 +218,23 @@ class GRACE(EditMethod):
         param = params[0]
         out_dim, in_dim = arch.weight(model, param).shape
         if keys.shape[1] != in_dim or values.shape[1] != out_dim:
-            raise PatchError(f"grace patch {patch.patch_id}: codebook is {keys.shape[1]}->{values.shape[1]}, "
-                             f"module {path!r} is {in_dim}->{out_dim}")
+            raise PatchError(
+                f"grace patch {patch.patch_id}: codebook is {keys.shape[1]}->{values.shape[1]}, "
+                f"module {path!r} is {in_dim}->{out_dim}"
+            )
         for name, t in (("keys", keys), ("values", values), ("radii", radii)):
             if not torch.isfinite(t).all():
                 raise PatchError(f"grace patch {patch.patch_id}: {name} has non-finite values")
         device = get_parameter(model, param).device
-        adaptor = GraceAdaptor(unwrap_base(current, GraceAdaptor, extra.get("supersedes", "")),
-                               keys.to(device), values.to(device), radii.to(device), labels, metric,
-                               state_id=patch.patch_id)
+        adaptor = GraceAdaptor(
+            unwrap_base(current, GraceAdaptor, extra.get("supersedes", "")),
+            keys.to(device),
+            values.to(device),
+            radii.to(device),
+            labels,
+            metric,
+            state_id=patch.patch_id,
+        )
         adaptor.prompts = prompts
         uninstall = install(model, {path: adaptor})
         adaptor.decoding = DecodingState().attach(model)  # after install: a failed install leaves no hook
@@ -187,5 +253,10 @@ def codebook_summary(model, path: str) -> dict[str, Any]:
         return {"entries": 0, "bytes": 0}
     nbytes = sum(t.numel() * t.element_size() for t in (adaptor.keys, adaptor.values, adaptor.radii))
     r = adaptor.radii.float()
-    return {"entries": len(adaptor), "bytes": nbytes, "radius_min": float(r.min()), "radius_median": float(r.median()),
-            "radius_max": float(r.max())}
+    return {
+        "entries": len(adaptor),
+        "bytes": nbytes,
+        "radius_min": float(r.min()),
+        "radius_median": float(r.median()),
+        "radius_max": float(r.max()),
+    }

@@ -28,8 +28,9 @@ class Allocation:
     nearest_distance: float | None
 
 
-def allocate_block(keys: torch.Tensor, blocks: torch.Tensor, key: torch.Tensor, cluster_radius: float,
-                   max_cluster: int, metric: Metric) -> Allocation:
+def allocate_block(
+    keys: torch.Tensor, blocks: torch.Tensor, key: torch.Tensor, cluster_radius: float, max_cluster: int, metric: Metric
+) -> Allocation:
     if keys.shape[0] == 0:
         return Allocation("new", None, [], None)
     dist, idx = nearest(key[None], keys, metric)

@@ -19,8 +19,15 @@ from .router import MeloRouter
 
 
 class MeloLoRA(ModuleWrapper):
-    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 router: MeloRouter, state_id: str = "") -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        router: MeloRouter,
+        state_id: str = "",
+    ) -> None:
         super().__init__(base, state_id)
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)

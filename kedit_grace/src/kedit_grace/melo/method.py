@@ -11,15 +11,16 @@ import logging
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
+
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
+from kedit_core.edit import Edit
 from kedit_core.errors import HparamsError, KeditError, PatchError
 from kedit_core.hparams import Hyperparams
-from kedit_core.edit import Edit
 from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
-from pydantic import Field, model_validator
 
 from ..codebook import TailCache
 from ..fit import fit_targets
@@ -75,8 +76,15 @@ class MELO(EditMethod):
         self._tails = TailCache(size=16)
 
     # -- editing ---------------------------------------------------------------------------------
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: MeloHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: MeloHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         if len(requests) != 1:
             raise KeditError("melo edits one request at a time (no batch editing)")
         request = requests[0]
@@ -102,19 +110,51 @@ class MELO(EditMethod):
         start = self._start_block(tables, paths, alloc.start_block, hparams, new_block)
         train = [new_members[j] for j in alloc.cluster] + [new_members[-1]]
         router = MeloRouter(new_keys, new_radii.to(device), new_blocks.to(device), hparams.metric)
-        fit = self._train_block(model, tokenizer, arch, router, router_path, currents, existing, tables,
-                                start, new_block, train, hparams, router_layer)
+        fit = self._train_block(
+            model,
+            tokenizer,
+            arch,
+            router,
+            router_path,
+            currents,
+            existing,
+            tables,
+            start,
+            new_block,
+            train,
+            hparams,
+            router_layer,
+        )
         state = {router_path: {"keys": new_keys, "radii": new_radii, "blocks": new_blocks.float()}}
         for path, (a, b) in zip(paths, start, strict=True):
-            state[path] = {"lora_a": self._tails.grow(tables[path][0]).append(a.detach()[None]),
-                           "lora_b": self._tails.grow(tables[path][1]).append(b.detach()[None])}
-        log.debug("melo %s block %d (%d edits), loss %.4f after %d steps", alloc.action, new_block, len(train), fit.loss, fit.steps)
+            state[path] = {
+                "lora_a": self._tails.grow(tables[path][0]).append(a.detach()[None]),
+                "lora_b": self._tails.grow(tables[path][1]).append(b.detach()[None]),
+            }
+        log.debug(
+            "melo %s block %d (%d edits), loss %.4f after %d steps",
+            alloc.action,
+            new_block,
+            len(train),
+            fit.loss,
+            fit.steps,
+        )
         return Edit(
-            state=state, modules=paths, fingerprint_params=[f"{p}.weight" for p in paths],
-            extra={"router": router_path, "metric": hparams.metric, "scale": hparams.scale, "members": new_members,
-                   "supersedes": existing.state_id if existing is not None else "", "action": alloc.action,
-                   "block": new_block, "cluster_size": len(train), "keys": len(new_members),
-                   "fit": {"steps": fit.steps, "loss": fit.loss, "accuracy": fit.accuracy}},
+            state=state,
+            modules=paths,
+            fingerprint_params=[f"{p}.weight" for p in paths],
+            extra={
+                "router": router_path,
+                "metric": hparams.metric,
+                "scale": hparams.scale,
+                "members": new_members,
+                "supersedes": existing.state_id if existing is not None else "",
+                "action": alloc.action,
+                "block": new_block,
+                "cluster_size": len(train),
+                "keys": len(new_members),
+                "fit": {"steps": fit.steps, "loss": fit.loss, "accuracy": fit.accuracy},
+            },
         )
 
     @staticmethod
@@ -139,8 +179,13 @@ class MELO(EditMethod):
             out_dim, in_dim = arch.weight(model, f"{p}.weight").shape
             tables[p] = (torch.zeros(0, rank, in_dim, device=device), torch.zeros(0, out_dim, rank, device=device))
         hidden = get_module(model, arch.embed).weight.shape[1]
-        return (torch.zeros(0, hidden, device=device), torch.zeros(0, device=device),
-                torch.zeros(0, dtype=torch.long, device=device), [], tables)
+        return (
+            torch.zeros(0, hidden, device=device),
+            torch.zeros(0, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+            [],
+            tables,
+        )
 
     @staticmethod
     def _start_block(tables, paths, start_block, hparams, new_block):
@@ -158,8 +203,22 @@ class MELO(EditMethod):
             out.append((a.requires_grad_(True), b.requires_grad_(True)))
         return out
 
-    def _train_block(self, model, tokenizer, arch, router, router_path, currents, existing, tables, start,
-                     new_block, train, hparams, router_layer):
+    def _train_block(
+        self,
+        model,
+        tokenizer,
+        arch,
+        router,
+        router_path,
+        currents,
+        existing,
+        tables,
+        start,
+        new_block,
+        train,
+        hparams,
+        router_layer,
+    ):
         """Install a provisional index and LoRA bank whose ``new_block`` is trainable; fit it."""
         wrappers = {}
         for p, (a, b) in zip(currents, start, strict=True):
@@ -173,9 +232,18 @@ class MELO(EditMethod):
         try:
             for p, w in wrappers.items():
                 replace_module(model, p, w)
-            return fit_targets(model, tokenizer, arch, [m[0] for m in train], [m[1] for m in train],
-                               [t for pair in start for t in pair], first_layer=router_layer, lr=hparams.lr,
-                               max_steps=hparams.max_steps, stop_loss=hparams.stop_loss)
+            return fit_targets(
+                model,
+                tokenizer,
+                arch,
+                [m[0] for m in train],
+                [m[1] for m in train],
+                [t for pair in start for t in pair],
+                first_layer=router_layer,
+                lr=hparams.lr,
+                max_steps=hparams.max_steps,
+                stop_loss=hparams.stop_loss,
+            )
         finally:
             for p, current in currents.items():
                 replace_module(model, p, current)
@@ -196,9 +264,16 @@ class MELO(EditMethod):
         lora = {p: patch.require_state(p, "lora_a", "lora_b") for p in paths}
         n_keys, n_blocks = keys.shape[0], lora[paths[0]][0].shape[0]
         members = extra.get("members")
-        if radii.shape != (n_keys,) or blocks.shape != (n_keys,) or not isinstance(members, list) or len(members) != n_keys:
-            raise PatchError(f"melo patch {pid}: index shapes disagree (keys {tuple(keys.shape)}, radii "
-                             f"{tuple(radii.shape)}, blocks {tuple(blocks.shape)})")
+        if (
+            radii.shape != (n_keys,)
+            or blocks.shape != (n_keys,)
+            or not isinstance(members, list)
+            or len(members) != n_keys
+        ):
+            raise PatchError(
+                f"melo patch {pid}: index shapes disagree (keys {tuple(keys.shape)}, radii "
+                f"{tuple(radii.shape)}, blocks {tuple(blocks.shape)})"
+            )
         if n_keys and (blocks.min() < 0 or blocks.max() >= n_blocks or not torch.equal(blocks, blocks.round())):
             raise PatchError(f"melo patch {pid}: block ids must be integers in [0, {n_blocks})")
         if extra.get("metric") not in ("euclidean", "cosine") or not isinstance(extra.get("scale"), (int, float)):
@@ -219,8 +294,9 @@ class MELO(EditMethod):
             base = unwrap_base(current, MeloLoRA, supersedes)
             if base is not current and current.router not in old_routers:
                 old_routers.append(current.router)
-            wrappers[p] = MeloLoRA(base, lora[p][0].to(device), lora[p][1].to(device),
-                                   float(extra["scale"]), router, state_id=pid)
+            wrappers[p] = MeloLoRA(
+                base, lora[p][0].to(device), lora[p][1].to(device), float(extra["scale"]), router, state_id=pid
+            )
             wrappers[p].members = members
         uninstall = install(model, wrappers)
         router.attach_to(get_module(model, router_path), model)
@@ -242,9 +318,13 @@ class MELO(EditMethod):
             raise PatchError(f"melo patch {patch.patch_id}: no fingerprint for {param!r}")
         out_dim, in_dim = arch.weight(model, param).shape
         if a.ndim != 3 or b.ndim != 3 or a.shape[0] != n_blocks or b.shape[0] != n_blocks:
-            raise PatchError(f"melo patch {patch.patch_id}: LoRA bank of {path!r} has shapes {tuple(a.shape)}, {tuple(b.shape)}")
+            raise PatchError(
+                f"melo patch {patch.patch_id}: LoRA bank of {path!r} has shapes {tuple(a.shape)}, {tuple(b.shape)}"
+            )
         if a.shape[2] != in_dim or b.shape[1] != out_dim or a.shape[1] != b.shape[2]:
-            raise PatchError(f"melo patch {patch.patch_id}: LoRA bank of {path!r} does not fit a {in_dim}->{out_dim} module")
+            raise PatchError(
+                f"melo patch {patch.patch_id}: LoRA bank of {path!r} does not fit a {in_dim}->{out_dim} module"
+            )
 
 
 def existing_base(current, existing):

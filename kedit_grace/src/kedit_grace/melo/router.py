@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from kedit_core.ops.hooks import module_input
 from torch import nn
+
+from kedit_core.ops.hooks import module_input
 
 from ..codebook import DecodingState, Metric, route
 
@@ -26,8 +27,9 @@ class MeloRouter:
     """Keys ``[K, H]``, radii ``[K]`` and block ids ``[K]``; ``active`` is the routing of the
     current forward (``[B, T]`` block ids, ``-1`` for none)."""
 
-    def __init__(self, keys: torch.Tensor, radii: torch.Tensor, blocks: torch.Tensor, metric: Metric,
-                 state_id: str = "") -> None:
+    def __init__(
+        self, keys: torch.Tensor, radii: torch.Tensor, blocks: torch.Tensor, metric: Metric, state_id: str = ""
+    ) -> None:
         self.keys, self.radii, self.blocks, self.metric = keys, radii, blocks.long(), metric
         self.state_id = state_id
         self.enabled = True

@@ -7,6 +7,14 @@ from .neurons import coarse_neurons, shared_neurons
 from .value_slots import rank_one_factors, value_slot_update
 
 __all__ = [
-    "KN", "KNHyperparams", "attribution_prompts", "coarse_neurons", "integrated_gradients", "locate_knowledge_neurons",
-    "neuron_activations", "rank_one_factors", "shared_neurons", "value_slot_update",
+    "KN",
+    "KNHyperparams",
+    "attribution_prompts",
+    "coarse_neurons",
+    "integrated_gradients",
+    "locate_knowledge_neurons",
+    "neuron_activations",
+    "rank_one_factors",
+    "shared_neurons",
+    "value_slot_update",
 ]

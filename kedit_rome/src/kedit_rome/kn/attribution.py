@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import final_hidden, model_device
-from torch import nn
 
 from ..ops.head_loss import head_loss
 from ..ops.suffix import cache_kwarg, returned_cache
@@ -100,7 +101,9 @@ def _mean_gradients(model, arch, ids, answer_id, layers, base, alphas) -> torch.
 
     rows = len(layers) * steps
     cache = prefix_cache(model, ids, rows)
-    handles = [arch.module(model, layer, arch.mlp_out).register_forward_pre_hook(replace(i)) for i, layer in enumerate(layers)]
+    handles = [
+        arch.module(model, layer, arch.mlp_out).register_forward_pre_hook(replace(i)) for i, layer in enumerate(layers)
+    ]
     try:
         x = torch.tensor(ids if cache is None else ids[-1:], device=device)[None].expand(rows, -1)
         mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
@@ -108,7 +111,9 @@ def _mean_gradients(model, arch, ids, answer_id, layers, base, alphas) -> torch.
             if cache is None:
                 hidden = final_hidden(model, x, mask)[:, -1]
             else:
-                hidden = model.base_model(input_ids=x, attention_mask=mask, **cache_kwarg(model, cache), use_cache=True).last_hidden_state[:, -1]
+                hidden = model.base_model(
+                    input_ids=x, attention_mask=mask, **cache_kwarg(model, cache), use_cache=True
+                ).last_hidden_state[:, -1]
             nll = head_loss(model, hidden, torch.full((rows,), answer_id, device=hidden.device))
             prob = torch.exp(-nll)  # P(answer), through the output layer in one pass (kedit_rome.ops.head_loss)
             (grad,) = torch.autograd.grad(prob.sum(), scaled)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from kedit_core.hparams import Hyperparams
 from pydantic import Field
+
+from kedit_core.hparams import Hyperparams
 
 #: prefixes that turn the edit prompt into further knowledge-expressing prompts (Sec. 3.3 asks for
 #: several prompts per fact; these do not use the request's evaluation paraphrases)

@@ -10,6 +10,8 @@ import logging
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec, get_parameter
 from kedit_core.edit import Edit
 from kedit_core.errors import KeditError
@@ -17,7 +19,6 @@ from kedit_core.method import EditContext, EditMethod, PatchKind
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target
 from kedit_core.request import EditRequest
-from torch import nn
 
 from .attribution import integrated_gradients, neuron_activations
 from .hparams import KNHyperparams
@@ -38,8 +39,15 @@ class KN(EditMethod):
     kind = PatchKind.WEIGHT_DELTA
     preset_package = "kedit_rome"
 
-    def compute_edit(self, model: nn.Module, tokenizer: Any, requests: list[EditRequest], hparams: KNHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        requests: list[EditRequest],
+        hparams: KNHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         if len(requests) != 1:
             raise KeditError("method 'kn' edits one request at a time (no batch editing)")
         request = requests[0]
@@ -57,12 +65,19 @@ class KN(EditMethod):
                 continue
             param = arch.mlp_out_param(layer)
             weight = arch.weight(model, param)
-            signs = [1.0 if info["activations"][slot][i] >= 0 else -1.0 for i in idx] if hparams.sign_by_activation else None
+            signs = (
+                [1.0 if info["activations"][slot][i] >= 0 else -1.0 for i in idx]
+                if hparams.sign_by_activation
+                else None
+            )
             a, b = arch.lowrank_to_param_layout(*rank_one_factors(u.to(weight.device), idx, weight.shape[1], signs))
             dtype = get_parameter(model, param).dtype
             lowrank[param] = (a.to(dtype).clone(), b.to(dtype).clone())
-        info.update(new_token=new_ids[0], neurons=[[layers[s], i] for s, i in neurons],
-                    neuron_activations=[info["activations"][s][i] for s, i in neurons])
+        info.update(
+            new_token=new_ids[0],
+            neurons=[[layers[s], i] for s, i in neurons],
+            neuron_activations=[info["activations"][s][i] for s, i in neurons],
+        )
         del info["activations"]
         log.info("kn: %d knowledge neurons for %r: %s", len(neurons), request.prompt, info["neurons"][:10])
         return Edit(lowrank=lowrank, extra={"kn": info})
@@ -76,13 +91,21 @@ def attribution_prompts(request: EditRequest, hparams: KNHyperparams) -> list[st
     return list(dict.fromkeys(prompts))
 
 
-def locate_knowledge_neurons(model: nn.Module, tokenizer: Any, request: EditRequest, hparams: KNHyperparams,
-                             arch: ArchitectureSpec, layers: list[int]) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+def locate_knowledge_neurons(
+    model: nn.Module,
+    tokenizer: Any,
+    request: EditRequest,
+    hparams: KNHyperparams,
+    arch: ArchitectureSpec,
+    layers: list[int],
+) -> tuple[list[tuple[int, int]], dict[str, Any]]:
     """Knowledge neurons ``(slot in layers, index)`` of the request's old fact, and what was used."""
     attributions = []
     for prompt in attribution_prompts(request, hparams):
         ids, answer = _prompt_and_answer(model, tokenizer, prompt, request.ground_truth)
-        attributions.append(integrated_gradients(model, arch, ids, answer, layers, hparams.steps, hparams.rows_per_pass))
+        attributions.append(
+            integrated_gradients(model, arch, ids, answer, layers, hparams.steps, hparams.rows_per_pass)
+        )
     edit_ids, old_token = _prompt_and_answer(model, tokenizer, request.prompt, request.ground_truth)
     activations = neuron_activations(model, arch, edit_ids, layers).tolist()
     neurons = shared_neurons(attributions, hparams.adaptive_threshold, hparams.share_threshold, hparams.max_neurons)

@@ -38,7 +38,11 @@ def shared_neurons(
     total = torch.stack(attributions).sum(0)
     keep = counts >= share * len(attributions) - 1e-9
     if not keep.any():
-        log.info("no neuron is shared by %.0f%% of %d prompts; keeping the top-attributed one", 100 * share, len(attributions))
+        log.info(
+            "no neuron is shared by %.0f%% of %d prompts; keeping the top-attributed one",
+            100 * share,
+            len(attributions),
+        )
         keep = total == total.max()
     slots, idx = keep.nonzero(as_tuple=True)
     order = total[slots, idx].argsort(descending=True)

@@ -37,7 +37,9 @@ def value_slot_update(
     return u
 
 
-def rank_one_factors(u: torch.Tensor, neurons: list[int], d_ff: int, signs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one_factors(
+    u: torch.Tensor, neurons: list[int], d_ff: int, signs: list[float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)`` with ``a @ b`` the ``[out, in]`` update of one layer: ``a = u``, ``b`` = neuron mask.
 
     ``signs`` (one per neuron, +-1) orient each slot's update by its neuron's activation sign.

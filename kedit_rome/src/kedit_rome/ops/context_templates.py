@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.fsutil import atomic_write_text
 from kedit_core.ops.logits import head_logits, model_device
 from kedit_core.ops.tokens import encode_prompts
 from kedit_core.progress import step
-from torch import nn
 
 log = logging.getLogger(__name__)
 

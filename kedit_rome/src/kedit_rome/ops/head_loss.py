@@ -35,9 +35,18 @@ def _capped(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Ten
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None,
-                targets: torch.Tensor, ref: torch.Tensor | None, ref_rows: torch.Tensor | None, record: bool,
-                chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        cap: float | None,
+        targets: torch.Tensor,
+        ref: torch.Tensor | None,
+        ref_rows: torch.Tensor | None,
+        record: bool,
+        chunk: int,
+    ) -> torch.Tensor:
         hf = h.detach().float()
         n, dim = hf.shape
         kl = targets < 0
@@ -45,9 +54,9 @@ class _HeadLoss(torch.autograd.Function):
         use_ref = ref is not None and len(kl_idx) > 0 and not record
         m = torch.full((n,), -torch.inf, device=hf.device)
         z_sum = torch.zeros(n, device=hf.device)
-        e_p = torch.zeros(n, dim, device=hf.device)            # running sum_v exp(l_v - m) cap'_v W_v
+        e_p = torch.zeros(n, dim, device=hf.device)  # running sum_v exp(l_v - m) cap'_v W_v
         e_r = torch.zeros(len(kl_idx), dim, device=hf.device)  # sum_v r_v cap'_v W_v (KL rows)
-        r_l = torch.zeros(len(kl_idx), device=hf.device)       # sum_v r_v (log r_v - l_v) (KL rows)
+        r_l = torch.zeros(len(kl_idx), device=hf.device)  # sum_v r_v (log r_v - l_v) (KL rows)
         for lo in range(0, weight.shape[0], chunk):
             w = weight[lo : lo + chunk].float()
             z = hf @ w.T
@@ -105,8 +114,15 @@ def head_parts(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, flo
     return head.weight, getattr(head, "bias", None), cap
 
 
-def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ref: torch.Tensor | None = None,
-              ref_rows: torch.Tensor | None = None, record: bool = False, chunk: int = CHUNK) -> torch.Tensor:
+def head_loss(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    ref: torch.Tensor | None = None,
+    ref_rows: torch.Tensor | None = None,
+    record: bool = False,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
     """Per row ``i`` of ``hidden`` ``[n, H]``: ``-log P(targets[i] | hidden[i])``, or, for the rows
     with ``targets[i] < 0`` (the j-th such row), ``KL(exp(ref[ref_rows[j]]) || P(. | hidden[i]))``
     with ``ref`` a ``[R, V]`` buffer of reference log-probabilities (``ref_rows`` defaults to
@@ -119,5 +135,14 @@ def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ref
         ref_rows = torch.arange(n_kl, device=ref.device)
     if record and ref is None:
         raise ValueError("record=True needs a reference buffer to write into")
-    return _HeadLoss.apply(hidden, weight.detach(), None if bias is None else bias.detach(), cap,
-                           targets.to(hidden.device), ref, ref_rows, record, chunk)
+    return _HeadLoss.apply(
+        hidden,
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        cap,
+        targets.to(hidden.device),
+        ref,
+        ref_rows,
+        record,
+        chunk,
+    )

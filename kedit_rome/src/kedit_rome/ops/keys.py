@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec, get_module
 from kedit_core.ops.hooks import capture, stop_after
 from kedit_core.ops.logits import model_device
 from kedit_core.ops.tokens import encode_prompts, subject_last_token
-from torch import nn
 
 
 def subject_positions(tokenizer: Any, texts: Sequence[str], subjects: Sequence[str]) -> list[int]:
@@ -79,8 +80,9 @@ def fill_templates(templates: Sequence[str], prompt: str) -> list[str]:
     return [t.replace("{}", prompt) for t in templates]
 
 
-def _template_positions(tokenizer: Any, prompts: Sequence[str], subjects: Sequence[str],
-                        templates: Sequence[str]) -> tuple[list[str], Any]:
+def _template_positions(
+    tokenizer: Any, prompts: Sequence[str], subjects: Sequence[str], templates: Sequence[str]
+) -> tuple[list[str], Any]:
     """Every prompt inside every template, and the subject's last-token position in each text."""
     texts, subs = [], []
     for prompt, subject in zip(prompts, subjects, strict=True):

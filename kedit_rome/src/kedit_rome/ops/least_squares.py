@@ -43,14 +43,15 @@ def rank_one_update(c: Factorization, key: torch.Tensor, residual: torch.Tensor)
     ``residual = v* - W k*``; ``c``: the (damped) second moment ``C``, factorized.
     """
     k = key.double().reshape(-1)
-    u = c.solve(k)                               # C^-1 k*
-    b = (u / torch.dot(u, k)).reshape(1, -1)     # (C^-1 k*)^T / ((C^-1 k*)^T k*)
+    u = c.solve(k)  # C^-1 k*
+    b = (u / torch.dot(u, k)).reshape(1, -1)  # (C^-1 k*)^T / ((C^-1 k*)^T k*)
     a = residual.double().reshape(-1, 1)
     return a.to(key.dtype), b.to(key.dtype)
 
 
-def batched_least_squares(second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
-                          weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def batched_least_squares(
+    second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(R [d_out, n], A^T [n, d_in])`` of ``Delta = R K^T (weight * C + K K^T)^-1``.
 
     ``keys [d_in, n]``, ``residuals [d_out, n]``; ``A = (weight C + K K^T)^-1 K`` (the system is

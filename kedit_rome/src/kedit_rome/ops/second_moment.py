@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.fsutil import atomic_path
 from kedit_core.ops.hooks import stop_after
 from kedit_core.ops.logits import model_device
 from kedit_core.progress import step
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,16 @@ class SecondMoments:
     def __init__(self) -> None:
         self._memo: dict[Path, torch.Tensor] = {}
 
-    def get(self, model: nn.Module, tokenizer: Any, arch: ArchitectureSpec, layers: Sequence[int],
-            spec: StatsSpec, cache_dir: Path, progress: bool = True) -> dict[int, torch.Tensor]:
+    def get(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        layers: Sequence[int],
+        spec: StatsSpec,
+        cache_dir: Path,
+        progress: bool = True,
+    ) -> dict[int, torch.Tensor]:
         """``{layer: C}`` on the model's device; missing layers are computed together in one pass and saved."""
         cache_dir = Path(cache_dir).resolve()
         paths = {layer: spec.path(cache_dir, arch.layer_path(layer, arch.mlp_out)) for layer in layers}
@@ -149,7 +158,9 @@ class SecondMoments:
                 computed = compute_second_moments(model, tokenizer, arch, missing, spec, progress=progress)
             for layer, (c, count) in computed.items():
                 with atomic_path(paths[layer]) as tmp:
-                    save_file({"second_moment": c}, str(tmp), metadata={"count": str(count), "corpus": str(spec.corpus)})
+                    save_file(
+                        {"second_moment": c}, str(tmp), metadata={"count": str(count), "corpus": str(spec.corpus)}
+                    )
                 self._memo[paths[layer]] = c
         device = model_device(model)
         return {layer: self._memo[paths[layer]].to(device) for layer in layers}

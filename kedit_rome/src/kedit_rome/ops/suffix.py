@@ -24,10 +24,11 @@ import inspect
 from typing import Any
 
 import torch
+from torch import nn
+
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.hooks import StopForward, stopped
 from kedit_core.ops.prefix import replay_layers
-from torch import nn
 
 
 def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
@@ -58,8 +59,15 @@ class SuffixForward:
     column ``j`` of row ``r`` is position ``split[r] + j`` (see :meth:`columns`).
     """
 
-    def __init__(self, model: nn.Module, arch: ArchitectureSpec, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, split: torch.Tensor, frozen_layers: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchitectureSpec,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        split: torch.Tensor,
+        frozen_layers: int = 0,
+    ) -> None:
         self.model, self.arch = model, arch
         device = input_ids.device
         split = split.to(device).long()
@@ -93,16 +101,24 @@ class SuffixForward:
         return positions.to(self.split.device) - self.split[rows.to(self.split.device)]
 
     def _forward_kwargs(self, cache: Any) -> dict[str, Any]:
-        kw: dict[str, Any] = {"input_ids": self.suffix_ids, "attention_mask": self.mask,
-                              "position_ids": self.suffix_pos, "use_cache": cache is not None}
+        kw: dict[str, Any] = {
+            "input_ids": self.suffix_ids,
+            "attention_mask": self.mask,
+            "position_ids": self.suffix_pos,
+            "use_cache": cache is not None,
+        }
         if cache is not None:
             kw.update(cache_kwarg(self.model, cache))
         return kw
 
     @torch.no_grad()
     def _prefix_cache(self) -> Any:
-        out = self.model.base_model(input_ids=self.prefix_ids, attention_mask=self.mask[:, : self.width_p],
-                                    position_ids=self.prefix_pos, use_cache=True)
+        out = self.model.base_model(
+            input_ids=self.prefix_ids,
+            attention_mask=self.mask[:, : self.width_p],
+            position_ids=self.prefix_pos,
+            use_cache=True,
+        )
         return returned_cache(out)
 
     def _drop_frozen_entries(self) -> None:
@@ -124,8 +140,11 @@ class SuffixForward:
 
         def recorder(i: int) -> Any:
             def hook(_m: nn.Module, _args: Any, output: Any) -> None:
-                recorded[i] = output.detach() if isinstance(output, torch.Tensor) else tuple(
-                    o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+                recorded[i] = (
+                    output.detach()
+                    if isinstance(output, torch.Tensor)
+                    else tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+                )
                 if i == self.frozen_layers - 1:
                     raise StopForward
 

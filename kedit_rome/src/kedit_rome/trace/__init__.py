@@ -5,6 +5,15 @@ from .noise import embedding_std, subject_noise
 from .plot import plot_heatmap, save_trace, write_json
 
 __all__ = [
-    "KINDS", "TraceResult", "causal_trace", "embedding_std", "plot_heatmap", "restored_probabilities",
-    "save_trace", "subject_noise", "subject_token_range", "window_layers", "write_json",
+    "KINDS",
+    "TraceResult",
+    "causal_trace",
+    "embedding_std",
+    "plot_heatmap",
+    "restored_probabilities",
+    "save_trace",
+    "subject_noise",
+    "subject_token_range",
+    "window_layers",
+    "write_json",
 ]

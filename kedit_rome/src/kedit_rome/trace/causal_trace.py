@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 from kedit_core.architecture import ArchitectureSpec, get_module, resolve_architecture
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
 from kedit_core.ops.tokens import split_prompt_target, subject_last_token
-from torch import nn
-from tqdm.auto import tqdm
 
 from .noise import embedding_std, subject_noise
 
@@ -154,7 +155,9 @@ def _one_pass(model, arch, input_ids, subject_range, answer_id, noise, restorati
     try:
         for layer, pairs in per_layer.items():
             idx = torch.tensor(pairs, dtype=torch.long)
-            handles.append(_hook_module(model, arch, kind, layer).register_forward_hook(_restore_hook(idx[:, 0], idx[:, 1])))
+            handles.append(
+                _hook_module(model, arch, kind, layer).register_forward_hook(_restore_hook(idx[:, 0], idx[:, 1]))
+            )
         hidden = final_hidden(model, ids, torch.ones_like(ids))[:, -1]
     finally:
         for h in handles:
@@ -215,18 +218,30 @@ def causal_trace(
         restorations: list[Restoration] = [((t, layer),) for t, layer in cells]
     else:
         restorations = [tuple((t, w) for w in window_layers(layer, window, n_layers)) for t, layer in cells]
-    clean, probs = restored_probabilities(model, arch, ids, (s0, s1), answer_id, eps, [()] + restorations, kind, max_rows,
-                                          progress=progress)
+    clean, probs = restored_probabilities(
+        model, arch, ids, (s0, s1), answer_id, eps, [()] + restorations, kind, max_rows, progress=progress
+    )
     corrupted = probs[0]
     scores = [[corrupted] * n_layers for _ in range(len(ids))]
     for (t, layer), p in zip(cells, probs[1:], strict=True):
         scores[t][layer] = p
     log.info("traced %r (%s): P(clean)=%.4f P(corrupted)=%.4f", prompt, kind, clean, corrupted)
     return TraceResult(
-        prompt=prompt, subject=subject, answer=tokenizer.decode([answer_id]), answer_id=answer_id, kind=kind,
-        window=window if kind != "hidden" else 1, samples=samples, noise_multiplier=noise, noise_std=noise * sigma,
-        tokens=[tokenizer.decode([i]) for i in ids], subject_range=(s0, s1), layers=list(range(n_layers)),
-        clean_prob=clean, corrupted_prob=corrupted, scores=scores,
+        prompt=prompt,
+        subject=subject,
+        answer=tokenizer.decode([answer_id]),
+        answer_id=answer_id,
+        kind=kind,
+        window=window if kind != "hidden" else 1,
+        samples=samples,
+        noise_multiplier=noise,
+        noise_std=noise * sigma,
+        tokens=[tokenizer.decode([i]) for i in ids],
+        subject_range=(s0, s1),
+        layers=list(range(n_layers)),
+        clean_prob=clean,
+        corrupted_prob=corrupted,
+        scores=scores,
     )
 
 

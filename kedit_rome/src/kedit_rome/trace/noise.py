@@ -7,8 +7,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-from kedit_core.architecture import ArchitectureSpec, get_module
 from torch import nn
+
+from kedit_core.architecture import ArchitectureSpec, get_module
 
 #: sigma per embedding module, with the weight's version counter it was measured at
 _SIGMA: weakref.WeakKeyDictionary[nn.Module, tuple[int, float]] = weakref.WeakKeyDictionary()

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kedit_core.architecture import ArchitectureSpec, resolve_architecture
 from torch import nn
+
+from kedit_core.architecture import ArchitectureSpec, resolve_architecture
 
 from .causal_trace import _answer_id, restored_probabilities, subject_token_range, window_layers
 from .noise import embedding_std, subject_noise
@@ -60,13 +61,31 @@ def subject_last_profile(
         s0, s1 = subject_token_range(tokenizer, prompt, subject)
         answer_id = _answer_id(model, tokenizer, prompt, ids, answer)
         eps = subject_noise(samples, s1 - s0, hidden, noise * sigma, seed)
-        span = (lambda layer: [layer]) if kind == "hidden" else (lambda layer: list(window_layers(layer, window, n_layers)))
+        span = (
+            (lambda layer: [layer])
+            if kind == "hidden"
+            else (lambda layer: list(window_layers(layer, window, n_layers)))
+        )
         restorations = [()] + [tuple((s1 - 1, w) for w in span(layer)) for layer in range(n_layers)]
         clean, probs = restored_probabilities(model, arch, ids, (s0, s1), answer_id, eps, restorations, kind)
         effect = [p - probs[0] for p in probs[1:]]
-        per_fact.append({"prompt": prompt, "subject": subject, "answer": tokenizer.decode([answer_id]),
-                         "clean_prob": clean, "corrupted_prob": probs[0], "effect": effect})
-        log.info("%s: clean %.3f corrupted %.3f peak layer %d", prompt, clean, probs[0], max(range(n_layers), key=effect.__getitem__))
+        per_fact.append(
+            {
+                "prompt": prompt,
+                "subject": subject,
+                "answer": tokenizer.decode([answer_id]),
+                "clean_prob": clean,
+                "corrupted_prob": probs[0],
+                "effect": effect,
+            }
+        )
+        log.info(
+            "%s: clean %.3f corrupted %.3f peak layer %d",
+            prompt,
+            clean,
+            probs[0],
+            max(range(n_layers), key=effect.__getitem__),
+        )
     mean = torch.tensor([f["effect"] for f in per_fact]).mean(0)
     gaps = torch.tensor([max(f["clean_prob"] - f["corrupted_prob"], 1e-6) for f in per_fact])[:, None]
     norm = (torch.tensor([f["effect"] for f in per_fact]) / gaps).mean(0)

@@ -45,8 +45,15 @@ class _FineTune(EditMethod):
     preset_package = "kedit_ft"
     objective: ClassVar[str]
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: FTHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: FTHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         names = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
         params = [get_parameter(model, n) for n in names]
         originals = [p.detach().clone() for p in params]
@@ -81,7 +88,7 @@ class _FineTune(EditMethod):
                 if hparams.norm_constraint is not None:
                     eps = hparams.norm_constraint
                     with torch.no_grad():
-                        for p, o in zip(params, originals):
+                        for p, o in zip(params, originals, strict=False):
                             p.copy_(torch.clamp(p, min=o - eps, max=o + eps))
 
     @staticmethod

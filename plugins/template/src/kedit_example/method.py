@@ -33,20 +33,31 @@ class GradStep(EditMethod):
     edit_area = "FFN"
     kind = PatchKind.WEIGHT_DELTA
 
-    def compute_edit(self, model, tokenizer, requests: list[EditRequest], hparams: GradStepHyperparams,
-                     arch: ArchitectureSpec, ctx: EditContext) -> Edit:
+    def compute_edit(
+        self,
+        model,
+        tokenizer,
+        requests: list[EditRequest],
+        hparams: GradStepHyperparams,
+        arch: ArchitectureSpec,
+        ctx: EditContext,
+    ) -> Edit:
         """The weight change for ``requests``; kedit makes it a patch (provenance, fingerprints) and applies it."""
         name = arch.mlp_out_param(arch.check_layer(model, hparams.layer, "layer"))  # -1: the last layer
         param = get_parameter(model, name)
         original = param.detach().clone()
-        enc = encode_pairs(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], model_device(model))
+        enc = encode_pairs(
+            tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], model_device(model)
+        )
         rows, cols = enc.target_positions()
         targets = enc.flat_targets().to(param.device)
         try:
             param.requires_grad_(True)
             with torch.enable_grad():
                 for _ in range(hparams.steps):
-                    loss = torch.nn.functional.cross_entropy(logits_at(model, enc.input_ids, enc.attention_mask, rows, cols).float(), targets)
+                    loss = torch.nn.functional.cross_entropy(
+                        logits_at(model, enc.input_ids, enc.attention_mask, rows, cols).float(), targets
+                    )
                     (grad,) = torch.autograd.grad(loss, param)
                     with torch.no_grad():
                         param -= hparams.step_norm * grad / grad.norm().clamp_min(1e-12)
