@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kedit_core.architecture import ArchitectureSpec, get_parameter
+from kedit_core.architecture import get_parameter
 from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
-from kedit_core.method import EditContext, EditMethod, PatchKind
+from kedit_core.method import EditMethod, PatchKind
 from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.tokens import encode_pairs
-from kedit_core.request import EditRequest
 
 
 class GradStepHyperparams(Hyperparams):
@@ -33,15 +32,7 @@ class GradStep(EditMethod):
     edit_area = "FFN"
     kind = PatchKind.WEIGHT_DELTA
 
-    def compute_edit(
-        self,
-        model,
-        tokenizer,
-        requests: list[EditRequest],
-        hparams: GradStepHyperparams,
-        arch: ArchitectureSpec,
-        ctx: EditContext,
-    ) -> Edit:
+    def compute_edit(self, model, tokenizer, requests, hparams: GradStepHyperparams, arch, ctx) -> Edit:
         """The weight change for ``requests``; kedit makes it a patch (provenance, fingerprints) and applies it."""
         name = arch.mlp_out_param(arch.check_layer(model, hparams.layer, "layer"))  # -1: the last layer
         param = get_parameter(model, name)
