@@ -1,4 +1,4 @@
-"""``kedit patch show|apply|revert``."""
+"""``kedit patch show|apply|revert|export|import``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .options import echo_json, model_options
 
 @click.group()
 def patch() -> None:
-    """Inspect, apply and revert patch files."""
+    """Inspect, apply, revert, export and import patch files."""
 
 
 @patch.command()
@@ -131,3 +131,37 @@ def revert(path, model, device, dtype, device_map, save_to, prompt, max_new_toke
         m.save_pretrained(save_to)
         tok.save_pretrained(save_to)
         click.echo(f"reverted model saved to {save_to}")
+
+
+@patch.command("export")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory of the adapter.")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Truncated-SVD rank for dense deltas.")
+@click.option("--json", "as_json", is_flag=True)
+def export(paths, fmt, out, rank, as_json) -> None:
+    """Export weight-delta patches (a chain, in order) as one peft LoRA adapter.
+
+    Low-rank deltas (ROME, MEMIT) are exact; dense ones (FT-L, FT-M) need --rank and are a truncated SVD
+    whose relative error is reported. Needs pip install 'kedit-core[peft]'.
+    """
+    from ..export_peft import export_peft
+    from ..patch import Patch
+
+    report = export_peft([Patch.load(p) for p in paths], out, rank=rank)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        click.echo(report.describe())
+
+
+@patch.command("import")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The patch file to write.")
+def import_(directory, out) -> None:
+    """Read a peft adapter kedit exported back into a patch (one exact patch comes back as itself)."""
+    from ..export_peft import import_peft
+
+    p = import_peft(directory)
+    p.save(out)
+    click.echo(f"patch {p.patch_id} ({p.method}) written to {out}")
