@@ -2,14 +2,19 @@
 
 ``zsre`` and ``counterfact`` name a data set shipped with kedit-core (``zsre``, ``counterfact``, ...) or a
 file; relative file paths are resolved against the configuration file's directory.
+
+A sweep is the same file with ``models:`` (several models) and ``sweep:`` (per method, values of some
+hyperparameters): every combination is a variant of the method with jobs of its own, named in the
+tables like ``rome[clamp_norm_factor=1.5]`` (and ``@ model`` when there are several models).
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..datasets import shipped_path
 from ..errors import KeditError
@@ -29,6 +34,8 @@ class MethodOptions(BaseModel):
     skip: list[str] = Field(default_factory=list)
     #: why the defaults are overridden (printed under the tables)
     note: str | None = None
+    #: memory a job of this method reserves on a Ray cluster (default: the bench's ``memory_mb``)
+    memory_mb: int | None = Field(default=None, ge=1)
 
 
 JOB_KINDS = ("counterfact", "batch", "zsre", "sequential")
@@ -38,6 +45,8 @@ class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "gemma3-270m"
+    #: several models: every job runs on each (``model`` is then ignored)
+    models: list[str] = Field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
     #: registered method names; empty means every installed method
@@ -58,7 +67,12 @@ class BenchConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     #: jobs running at once, each in its own process (with ``threads: 1``, one per core)
     workers: int = Field(default=1, ge=1)
+    #: memory a job reserves on a Ray cluster, in MB (default: estimated from earlier results of the
+    #: same method and job kind under ``OUT/jobs``, else nothing reserved)
+    memory_mb: int | None = Field(default=None, ge=1)
     options: dict[str, MethodOptions] = Field(default_factory=dict)
+    #: method -> {hyperparameter: [values]}: one variant per combination, over the method's hparams
+    sweep: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path | None) -> BenchConfig:
@@ -91,5 +105,23 @@ class BenchConfig(BaseModel):
             opts[name] = o.model_copy(update={"hparams": hp, "checkpoint": fix(o.checkpoint) if o.checkpoint else None})
         return self.model_copy(update={"zsre": fix(self.zsre), "counterfact": fix(self.counterfact), "options": opts})
 
+    @field_validator("sweep")
+    @classmethod
+    def _no_empty_sweeps(cls, sweep: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for method, grid in sweep.items():
+            empty = [name for name, values in grid.items() if not values]
+            if not grid or empty:
+                raise ValueError(f"sweep of {method!r}: give at least one value for {empty or 'a hyperparameter'}")
+        return sweep
+
     def option(self, method: str) -> MethodOptions:
         return self.options.get(method, MethodOptions())
+
+    def model_names(self) -> list[str]:
+        return self.models or [self.model]
+
+    def variants(self, method: str) -> list[dict[str, Any]]:
+        """The hyperparameter overrides of each variant of ``method``: ``[{}]`` when it is not swept."""
+        grid = self.sweep.get(method, {})
+        names = list(grid)
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())] or [{}]

@@ -34,6 +34,8 @@ class JobSpec:
     dtype: str = "float32"
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: hyperparameters changed on top of ``hparams`` (or the model's preset): a sweep's variant
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +53,7 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
     import torch
 
     from ..editor import Editor
+    from ..models import model_key
     from ..plugins import get_registry
     from ..request import load_requests
 
@@ -58,13 +61,14 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
         torch.set_num_threads(spec.threads)
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
+    hparams = job_hparams(spec, "" if model is not None else model_key(spec.model))
     if model is not None:
-        editor = Editor(spec.method, model, tokenizer, hparams=spec.hparams, checkpoint=spec.checkpoint)
+        editor = Editor(spec.method, model, tokenizer, hparams=hparams, checkpoint=spec.checkpoint)
     else:  # a child process: its progress bar goes to the job's log
         editor = Editor(
             spec.method,
             spec.model,
-            hparams=spec.hparams,
+            hparams=hparams,
             checkpoint=spec.checkpoint,
             device=spec.device,
             dtype=spec.dtype,
@@ -90,6 +94,7 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
         "edit_s_total": sum(result.edit_seconds),
         "s_per_edit_median": statistics.median(per_edit) if per_edit else None,
         "patch_bytes_mean": statistics.mean(p.nbytes() for p in result.patches) if result.patches else None,
+        "patch_ids": [p.patch_id for p in result.patches],
         "peak_rss_mb": result.peak_rss_mb,
         "peak_cuda_mb": result.peak_cuda_mb,
         "load_s": load_s,
@@ -104,6 +109,17 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
         out["per_request"] = [{k: r[k] for k in ("post", "final") if k in r} for r in report["per_request"]]
         out["rss_mb_curve"] = report.get("rss_mb_curve", [])
     return out
+
+
+def job_hparams(spec: JobSpec, key: str) -> Any:
+    """What the job passes to the Editor as hyperparameters: ``spec.hparams`` as given, or, for a
+    sweep's variant, those (or the preset for the model key ``key``) with the variant's ``overrides``."""
+    if not spec.overrides:
+        return spec.hparams
+    from ..plugins import get_registry
+
+    method = get_registry().method(spec.method)
+    return method.load_hparams(spec.hparams, key).updated(**spec.overrides)
 
 
 def main(argv: list[str]) -> int:

@@ -45,22 +45,30 @@ def _machine() -> dict[str, Any]:
 
 
 def build_document(
-    config: BenchConfig, jobs: list[PlannedJob], results: dict[str, dict[str, Any]], registry: Any, command: str
+    config: BenchConfig,
+    jobs: list[PlannedJob],
+    results: dict[str, dict[str, Any]],
+    registry: Any,
+    command: str,
+    executor: str | None = None,
 ) -> dict[str, Any]:
+    """The bench document; a row per method, or per variant (``job.name``) in a sweep. ``executor``
+    names where the jobs ran when not in the local pool (``Ray``)."""
     from ..plugins import core_version
 
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for job in jobs:
-        by_method.setdefault(job.spec.method, {})[job.spec.kind] = results.get(job.key, {"error": "not run"})
+        by_method.setdefault(job.name, {})[job.spec.kind] = results.get(job.key, {"error": "not run"})
     ok = [r for r in results.values() if "error" not in r]
     fingerprints = sorted({r["model_fingerprint"] for r in ok})
+    models = config.model_names()
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "kedit_version": core_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": _machine(),
-        "model": config.model,
+        "model": models[0] if len(models) == 1 else models,
         "model_fingerprint": fingerprints[0] if len(fingerprints) == 1 else fingerprints,
         "data": {
             "zsre": _data_subset(config.zsre, config.zsre_start, config.zsre_n),
@@ -83,7 +91,7 @@ def build_document(
         "table2": [],
         "counterfact": [],
         "sequential": [],
-        "notes": {m: o.note for m, o in config.options.items() if o.note and m in by_method},
+        "notes": {m: o.note for m, o in config.options.items() if o.note and m in {j.spec.method for j in jobs}},
         "errors": {
             f"{m} {k}": r["error"]
             for m, kinds in by_method.items()
@@ -93,62 +101,89 @@ def build_document(
         "not_run": sorted(f"{m} {k}" for m, kinds in by_method.items() for k, r in kinds.items() if r.get("not_run")),
         "stale": sorted(f"{m} {k}" for m, kinds in by_method.items() for k, r in kinds.items() if r.get("stale")),
     }
+    if executor:
+        doc["jobs"]["executor"] = executor
+    variants = {job.name: job for job in jobs if job.variant}
+    if variants:
+        doc["variants"] = {
+            name: {"method": j.spec.method, "model": j.spec.model, "hparams": j.spec.overrides}
+            for name, j in variants.items()
+        }
+    method_of = {job.name: job.spec.method for job in jobs}
     for name, kinds in by_method.items():
-        method = registry.method(name)
-        info = registry.methods[name].plugin
-        caps = method.capabilities()
-        cf, batch, zs, seq = (kinds.get(k, {}) for k in ("counterfact", "batch", "zsre", "sequential"))
-        ten = 10 * cf["s_per_edit_median"] if cf.get("s_per_edit_median") is not None else None
-        ten_batch = batch["edit_s_total"] * 10 / batch["n"] if batch.get("edit_s_total") is not None else None
-        peaks = [r["peak_rss_mb"] for r in (cf, batch) if r.get("peak_rss_mb")]
-        cuda = [r["peak_cuda_mb"] for r in (cf, batch) if r.get("peak_cuda_mb")]
-        doc["table1"].append(
+        _add_rows(doc, name, kinds, registry, method_of[name])
+    doc["unedited"] = _unedited(jobs, results)
+    if len(models) > 1:
+        doc["unedited_by_model"] = {model: _unedited(jobs, results, model) for model in models}
+    return doc
+
+
+def _unedited(jobs: list[PlannedJob], results: dict[str, dict[str, Any]], model: str | None = None) -> dict[str, Any]:
+    """The unedited model's scores: the ``metrics_pre`` of the first ZsRE and CounterFact jobs that
+    have them (on ``model`` if given)."""
+
+    def first(kind: str) -> dict[str, Any] | None:
+        for job in jobs:
+            pre = results.get(job.key, {}).get("metrics_pre")
+            if job.spec.kind == kind and pre and model in (None, job.spec.model):
+                return {m: pre.get(m) for m in metric_names(kind)}
+        return None
+
+    return {"zsre": first("zsre"), "counterfact": first("counterfact")}
+
+
+def _add_rows(
+    doc: dict[str, Any], name: str, kinds: dict[str, dict[str, Any]], registry: Any, method_name: str
+) -> None:
+    """The rows of one method (or sweep variant) ``name`` in each table, from its jobs' results."""
+    method = registry.method(method_name)
+    info = registry.methods[method_name].plugin
+    caps = method.capabilities()
+    cf, batch, zs, seq = (kinds.get(k, {}) for k in ("counterfact", "batch", "zsre", "sequential"))
+    ten = 10 * cf["s_per_edit_median"] if cf.get("s_per_edit_median") is not None else None
+    ten_batch = batch["edit_s_total"] * 10 / batch["n"] if batch.get("edit_s_total") is not None else None
+    peaks = [r["peak_rss_mb"] for r in (cf, batch) if r.get("peak_rss_mb")]
+    cuda = [r["peak_cuda_mb"] for r in (cf, batch) if r.get("peak_cuda_mb")]
+    doc["table1"].append(
+        {
+            "method": name,
+            "package": info.package,
+            "version": info.version,
+            "batch": caps["batch"],
+            "sequential": caps["sequential"],
+            "training": caps["training"],
+            "edit_area": caps["edit_area"],
+            "s_10_edits": ten,
+            "s_10_edits_batch": ten_batch,
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "peak_vram_mb": max(cuda) if cuda else None,
+            "patch_kb": cf["patch_bytes_mean"] / 1024 if cf.get("patch_bytes_mean") is not None else None,
+        }
+    )
+    if zs.get("metrics") is not None:
+        doc["table2"].append(
             {
                 "method": name,
-                "package": info.package,
-                "version": info.version,
-                "batch": caps["batch"],
-                "sequential": caps["sequential"],
-                "training": caps["training"],
-                "edit_area": caps["edit_area"],
-                "s_10_edits": ten,
-                "s_10_edits_batch": ten_batch,
-                "peak_rss_mb": max(peaks) if peaks else None,
-                "peak_vram_mb": max(cuda) if cuda else None,
-                "patch_kb": cf["patch_bytes_mean"] / 1024 if cf.get("patch_bytes_mean") is not None else None,
+                "n": zs["n"],
+                **{m: zs["metrics"].get(m) for m in metric_names("zsre")},
+                "fluency_pre": zs["metrics_pre"].get("fluency"),
+                "s_per_edit": statistics.mean(zs["edit_seconds"]) if zs.get("edit_seconds") else None,
             }
         )
-        if zs.get("metrics") is not None:
-            doc["table2"].append(
-                {
-                    "method": name,
-                    "n": zs["n"],
-                    **{m: zs["metrics"].get(m) for m in metric_names("zsre")},
-                    "fluency_pre": zs["metrics_pre"].get("fluency"),
-                    "s_per_edit": statistics.mean(zs["edit_seconds"]) if zs.get("edit_seconds") else None,
-                }
-            )
-        if cf.get("metrics") is not None:
-            doc["counterfact"].append(
-                {"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in metric_names("counterfact")}}
-            )
-        if seq.get("metrics") is not None:
-            doc["sequential"].append(
-                {
-                    "method": name,
-                    "n": seq["n"],
-                    "final": {m: seq["metrics"].get(m) for m in metric_names("sequential")},
-                    "after_each": {m: seq["metrics_after_each"].get(m) for m in metric_names("sequential")},
-                    "per_request": seq["per_request"],
-                }
-            )
-    pre_zs = next((r for r in (by_method[m].get("zsre", {}) for m in by_method) if r.get("metrics_pre")), None)
-    pre_cf = next((r for r in (by_method[m].get("counterfact", {}) for m in by_method) if r.get("metrics_pre")), None)
-    doc["unedited"] = {
-        "zsre": {m: pre_zs["metrics_pre"].get(m) for m in metric_names("zsre")} if pre_zs else None,
-        "counterfact": {m: pre_cf["metrics_pre"].get(m) for m in metric_names("counterfact")} if pre_cf else None,
-    }
-    return doc
+    if cf.get("metrics") is not None:
+        doc["counterfact"].append(
+            {"method": name, "n": cf["n"], **{m: cf["metrics"].get(m) for m in metric_names("counterfact")}}
+        )
+    if seq.get("metrics") is not None:
+        doc["sequential"].append(
+            {
+                "method": name,
+                "n": seq["n"],
+                "final": {m: seq["metrics"].get(m) for m in metric_names("sequential")},
+                "after_each": {m: seq["metrics_after_each"].get(m) for m in metric_names("sequential")},
+                "per_request": seq["per_request"],
+            }
+        )
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -176,9 +211,23 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _models(doc: dict[str, Any]) -> str:
+    return doc["model"] if isinstance(doc["model"], str) else ", ".join(doc["model"])
+
+
+def _unedited_rows(doc: dict[str, Any], table: str) -> list[tuple[str, dict[str, Any]]]:
+    """The first rows of ``table``: the unedited model's scores (one row per model in a bench of several)."""
+    by_model = doc.get("unedited_by_model")
+    if by_model:
+        return [(f"unedited @ {model}", scores[table] or {}) for model, scores in by_model.items()]
+    return [("unedited model", doc["unedited"][table] or {})]
+
+
 def _elapsed(jobs: dict[str, Any]) -> str:
     span, workers = jobs.get("span_s"), jobs.get("workers", 1)
     text = f", {workers} jobs at a time" if workers and workers > 1 else ""
+    if jobs.get("executor"):
+        text = f", jobs run as {jobs['executor']} tasks"
     return text + (f", {span / 60:.1f} min from the first job's start to the last one's end" if span else "")
 
 
@@ -198,7 +247,7 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
     d = doc["data"]
     fp = doc["model_fingerprint"]
     out = [
-        f"Produced by `{doc['command']}` on {doc['date']} (kedit {doc['kedit_version']}, model {doc['model']}, "
+        f"Produced by `{doc['command']}` on {doc['date']} (kedit {doc['kedit_version']}, model {_models(doc)}, "
         f"fingerprint `{(fp if isinstance(fp, str) else ', '.join(fp))[:16]}`, {doc['machine']['cpu_count']} CPU cores"
         f"{', ' + doc['machine']['gpu'] if doc['machine']['gpu'] else ', no GPU'}, torch {doc['machine']['torch']}; "
         f"sum of job wall times {doc['jobs']['wall_s_sum'] / 60:.1f} min{_elapsed(doc['jobs'])}).",
@@ -244,8 +293,10 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
         "greedy generations (unedited in the first row).",
         "",
     ]
-    pre = doc["unedited"]["zsre"] or {}
-    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("zsre")] + ["–"]]
+    rows = [
+        [label, "–"] + [_f(pre.get(m)) for m in metric_names("zsre")] + ["–"]
+        for label, pre in _unedited_rows(doc, "zsre")
+    ]
     rows += [
         [r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("zsre")] + [_f(r["s_per_edit"], 2)]
         for r in doc["table2"]
@@ -262,8 +313,10 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
         "(P(new) > P(true); neighborhood: P(true) > P(new)).",
         "",
     ]
-    pre = doc["unedited"]["counterfact"] or {}
-    rows = [["unedited model", "–"] + [_f(pre.get(m)) for m in metric_names("counterfact")]]
+    rows = [
+        [label, "–"] + [_f(pre.get(m)) for m in metric_names("counterfact")]
+        for label, pre in _unedited_rows(doc, "counterfact")
+    ]
     rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("counterfact")] for r in doc["counterfact"]]
     out += [_md_table(["method", "n", "ES", "PS", "NS"], rows), ""]
     sq = d["sequential"]
@@ -301,7 +354,7 @@ def write_figure(doc: dict[str, Any], path: Path) -> Path | None:
 
     runs = [(r["method"], {"per_request": r["per_request"]}) for r in doc["sequential"]]
     n = max(r["n"] for r in doc["sequential"])
-    return plot_sequential(runs, path, title=f"Sequential ZsRE editing, {doc['model']} (up to {n} edits)")
+    return plot_sequential(runs, path, title=f"Sequential ZsRE editing, {_models(doc)} (up to {n} edits)")
 
 
 def update_readme(readme: Path, markdown: str) -> None:

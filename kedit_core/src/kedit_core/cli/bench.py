@@ -62,16 +62,36 @@ from .options import echo_json, table
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Jobs to run at once, each in its own process (default: the configuration's).",
+    help="Jobs to run at once, each in its own process (default: the configuration's; not with --ray).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the jobs as Ray tasks: auto (the running cluster), ray://HOST:PORT, or local (a Ray started "
+    "here); each reserves its threads as CPUs, a GPU on cuda, and memory_mb. Needs kedit-core[ray].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def bench(
-    config_path, methods, out_dir, force, reuse_stale, cached_only, readme, compare_paths, tolerance, workers, as_json
+    config_path,
+    methods,
+    out_dir,
+    force,
+    reuse_stale,
+    cached_only,
+    readme,
+    compare_paths,
+    tolerance,
+    workers,
+    ray_address,
+    as_json,
 ) -> None:
     """Run every installed method (or --methods) on the configured model and data; write the tables.
 
     Each job runs in its own process (peak memory per method) and is cached under OUT/jobs, keyed by
-    its inputs and the source code of the method and of kedit-core: rerunning resumes.
+    its inputs and the source code of the method and of kedit-core: rerunning resumes. A configuration
+    with `models:` and `sweep:` runs each method variant (hyperparameter values) on each model.
     """
     if compare_paths:
         _compare(*compare_paths, tolerance=tolerance, as_json=as_json)
@@ -82,6 +102,7 @@ def bench(
     from ..fsutil import atomic_write_text
     from ..plugins import get_registry
 
+    executor = _ray_executor(ray_address) if ray_address else None
     config = BenchConfig.load(config_path)
     if methods:
         config = config.model_copy(update={"methods": [m.strip() for m in methods.split(",") if m.strip()]})
@@ -111,12 +132,13 @@ def bench(
         reuse_stale=reuse_stale,
         run_missing=not cached_only,
         workers=config.workers,
+        executor=executor,
         on_result=report,
     )
     command = (
         "kedit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "kedit bench"
     )
-    doc = build_document(config, jobs, results, registry, command)
+    doc = build_document(config, jobs, results, registry, command, executor.name if executor else None)
     figure = write_figure(doc, out / "sequential.png")
     atomic_write_text(out / "bench.json", json.dumps(doc, indent=1))
     markdown = render_markdown(doc, figure.name if figure else None)
@@ -131,6 +153,14 @@ def bench(
         click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {figure}" if figure else ""))
     if doc["jobs"]["failed"]:
         raise SystemExit(1)
+
+
+def _ray_executor(address: str):
+    """The Ray executor; fails in one line, before anything runs, when Ray is not installed."""
+    from ..bench.ray_executor import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(address)
 
 
 def _relative(path: Path, base: Path) -> str:
