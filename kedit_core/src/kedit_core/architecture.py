@@ -7,7 +7,8 @@ the MLP output is normalized before it joins the residual stream (Gemma 2/3).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, HparamsError
+from .offload import onloaded, read_value, write_value
 
 #: fields of :class:`ArchitectureSpec` naming one module of the model, or one module (or several) per layer
 MODEL_ROLES = ("embed", "final_norm", "lm_head")
@@ -123,8 +125,9 @@ class ArchitectureSpec:
         return self.layer_path(index, self.mlp_out) + ".weight"
 
     def weight(self, model: nn.Module, param: str) -> torch.Tensor:
-        """A weight as an ``[out, in]`` matrix view, whatever the storage layout."""
-        p = get_parameter(model, param)
+        """A weight's value (:func:`weight_value`) as an ``[out, in]`` matrix view, whatever the storage
+        layout. For reading: change a weight with :func:`write_weight`."""
+        p = weight_value(model, param)
         return p.T if self.weight_layout == "conv1d" and p.ndim == 2 else p
 
     def to_param_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
@@ -149,10 +152,57 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def get_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter object ``name``; in a model accelerate offloaded (``device_map``) it may be a ``meta``
+    placeholder: read and write its value with :func:`weight_value` and :func:`write_weight`."""
     try:
         return model.get_parameter(name)
     except AttributeError:
         raise ArchitectureError(f"parameter {name!r} not found in {type(model).__name__}") from None
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return get_parameter(model, name)
+    except ArchitectureError:
+        try:
+            return model.get_buffer(name)
+        except AttributeError:
+            raise ArchitectureError(f"parameter {name!r} not found in {type(model).__name__}") from None
+
+
+def weight_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The value of parameter (or buffer) ``name`` as the model's next forward uses it, wherever it
+    lives: the parameter itself, or, where accelerate offloaded it to CPU memory or disk (a ``meta``
+    placeholder, loaded by a hook at forward time), the value in the hook's offload map
+    (:mod:`kedit_core.offload`). Do not change it in place: use :func:`write_weight`."""
+    return read_value(model, name, _tensor(model, name))
+
+
+def write_weight(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into parameter (or buffer) ``name`` where it lives -- in place, and into
+    accelerate's offload map for an offloaded weight -- so that the next forward uses it."""
+    write_value(model, name, _tensor(model, name), value)
+
+
+@contextlib.contextmanager
+def trainable_weights(model: nn.Module, names: list[str]) -> Iterator[list[nn.Parameter]]:
+    """The parameters ``names``, trainable inside the block (``requires_grad``): real tensors even where
+    accelerate offloaded them (their modules hold copies for the block, :func:`kedit_core.offload.onloaded`).
+    On exit each one's value, gradient flag and gradient are what they were, bit for bit."""
+    with onloaded(model, names):
+        params = [get_parameter(model, n) for n in names]
+        originals = [p.detach().clone() for p in params]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            yield params
+        finally:
+            with torch.no_grad():
+                for p, o, flag in zip(params, originals, flags, strict=True):
+                    p.copy_(o)
+                    p.requires_grad_(flag)
+                    p.grad = None
 
 
 def model_architecture_names(model: nn.Module) -> list[str]:

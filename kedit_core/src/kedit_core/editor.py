@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import ArchitectureSpec, get_parameter, resolve_architecture
+from .architecture import ArchitectureSpec, resolve_architecture, write_weight
 from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
 from .errors import EditError, KeditError, RequestError
 from .evaluate import Evaluator
@@ -404,5 +404,5 @@ class Editor:
                 handle.revert()
         with torch.no_grad():
             for name, value in result.baseline.items():
-                get_parameter(self.model, name).copy_(value)
+                write_weight(self.model, name, value)
         result.baseline.clear()

@@ -96,9 +96,11 @@ def load_model(
     *,
     device: str = "cpu",
     dtype: str | torch.dtype | None = "float32",
-    device_map: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any, ModelInfo]:
-    """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off."""
+    """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off. ``device_map``
+    (``"auto"`` or a module -> device mapping, devices including ``"cpu"`` and ``"disk"``) dispatches it
+    with accelerate; offloaded weights are read and written where they live (:mod:`kedit_core.offload`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -186,6 +188,7 @@ def _write_fingerprints(source: Path, data: dict[str, Any]) -> None:
 def _cached_fingerprint(source: Path, model: nn.Module) -> str:
     """:func:`model_fingerprint` of a model just loaded from ``source``, computed once per dtype; for a
     model kedit converted (its own cache), also every parameter's sha256 in float32, once."""
+    from .architecture import weight_value
     from .patch import tensor_fingerprint
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -197,7 +200,10 @@ def _cached_fingerprint(source: Path, model: nn.Module) -> str:
         update["model"] = {**data.get("model", {}), dtype: fingerprint}
     own = source.resolve().parent == (cache_dir() / "models").resolve()
     if own and dtype == "float32" and not data.get("parameters", {}).get(dtype):
-        params = {name: tensor_fingerprint(p) for name, p in model.named_parameters(remove_duplicate=False)}
+        params = {
+            name: tensor_fingerprint(weight_value(model, name))
+            for name, _ in model.named_parameters(remove_duplicate=False)
+        }
         update["parameters"] = {**data.get("parameters", {}), dtype: params}
     if update:
         _write_fingerprints(source, {**data, **update})
@@ -290,15 +296,26 @@ def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) 
 
 def model_fingerprint(model: nn.Module) -> str:
     """A fast content fingerprint of a model: config, every parameter's name, shape and a strided
-    sample of its values. Keys on-disk caches (statistics, templates) so they never mix models."""
+    sample of its values (read through accelerate's offload maps in a dispatched model). Keys on-disk
+    caches (statistics, templates) so they never mix models."""
     import torch
+
+    from .architecture import weight_value
+    from .offload import held_value
 
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         h.update(json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode())
+    held: set[tuple] = set()
     for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
+        value = held_value(model, name)
+        if value is not None:  # offloaded weights tied in the model (one memory) count once, as undispatched
+            where = (value.device, value.data_ptr(), tuple(value.shape), value.stride())
+            if where in held:
+                continue
+            held.add(where)
+        flat = weight_value(model, name).detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].to("cpu", torch.float32).contiguous()
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .architecture import get_parameter
+from .architecture import get_parameter, weight_value, write_weight
 from .errors import FingerprintMismatch, KeditError, PatchError
 from .fsutil import atomic_path
 from .method import ModelContext, PatchKind
@@ -82,7 +82,7 @@ class Patch:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         layout = parse_layout(tensors)
         params = fingerprint_params if fingerprint_params is not None else sorted(layout)
-        fingerprints = {p: tensor_fingerprint(get_parameter(model, p)) for p in params}
+        fingerprints = {p: tensor_fingerprint(weight_value(model, p)) for p in params}
         arch = (
             list(getattr(model.config, "architectures", None) or [type(model).__name__])[0]
             if hasattr(model, "config")
@@ -107,7 +107,7 @@ class Patch:
         patch = cls(tensors, meta)
         if patch.kind is PatchKind.WEIGHT_DELTA:
             deltas = patch._checked_deltas(model)
-            post = {n: tensor_fingerprint(_added(get_parameter(model, n), d)) for n, d in deltas.items()}
+            post = {n: tensor_fingerprint(_added(weight_value(model, n), d)) for n, d in deltas.items()}
             meta["post_fingerprints"] = post
         patch.metadata["patch_id"] = patch.content_id()
         return patch
@@ -291,12 +291,12 @@ class Patch:
             saved = {}
             with torch.no_grad():
                 for name, value in new_values.items():
-                    p = get_parameter(model, name)
+                    p = weight_value(model, name)
                     if keep_copy:
                         saved[name] = p.detach().clone()
                     elif snapshot is not None and name not in snapshot:
                         snapshot[name] = p.detach().clone()
-                    p.copy_(value)
+                    write_weight(model, name, value)
             handle = AppliedPatch(self, model, saved=saved, copyless=not keep_copy)
         else:
             if check_fingerprint:
@@ -332,7 +332,7 @@ class Patch:
     def _check_fingerprints(self, model: nn.Module) -> None:
         for name, expected in self.metadata["fingerprints"].items():
             try:
-                p = get_parameter(model, name)
+                p = weight_value(model, name)
             except KeditError:
                 raise PatchError(f"patch {self.patch_id} touches {name!r}, which this model does not have") from None
             if tensor_fingerprint(p) != expected:
@@ -363,7 +363,7 @@ class Patch:
         new_values = {}
         with torch.no_grad():
             for name, delta in deltas.items():
-                value = _added(get_parameter(model, name), delta)
+                value = _added(weight_value(model, name), delta)
                 if not torch.isfinite(value).all():
                     raise PatchError(f"refusing patch {self.patch_id}: {name!r} would hold non-finite values")
                 new_values[name] = value
@@ -387,7 +387,7 @@ class Patch:
         new_values = {}
         with torch.no_grad():
             for name, delta in deltas.items():
-                p = get_parameter(model, name)
+                p = weight_value(model, name)
                 # a delta that rounds away at this precision left the weight as it was: keep it
                 value = p.detach().clone() if post[name] == pre[name] else _subtracted(p, delta)
                 if not torch.isfinite(value).all():
@@ -397,7 +397,7 @@ class Patch:
                 report[name] = {"exact": exact, "max_abs_error_bound": bound, "summary": describe_revert(exact, bound)}
                 new_values[name] = value
             for name, value in new_values.items():
-                get_parameter(model, name).copy_(value)
+                write_weight(model, name, value)
         return report
 
     def _check_holds(self, model: nn.Module) -> None:
@@ -409,7 +409,7 @@ class Patch:
                 "check that the model holds it, so it is not reverted from the file; revert with the handle of apply"
             )
         for name, expected in post.items():
-            held = tensor_fingerprint(get_parameter(model, name))
+            held = tensor_fingerprint(weight_value(model, name))
             if held != expected:
                 state = (
                     "it holds the pre-edit weights"
@@ -454,7 +454,7 @@ class AppliedPatch:
         self._pop()
         with torch.no_grad():
             for name, value in self.saved.items():
-                get_parameter(self.model, name).copy_(value)
+                write_weight(self.model, name, value)
         if self.detach is not None:
             self.detach()
         self._done()

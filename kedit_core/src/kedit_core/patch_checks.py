@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .architecture import ArchitectureSpec, get_module, get_parameter
+from .architecture import ArchitectureSpec, get_module, weight_value
 from .errors import KeditError, PatchError
 from .method import PatchKind
 
@@ -32,10 +32,11 @@ def _span(p: torch.Tensor) -> tuple[int, int]:
 
 
 def shared_storage(model: nn.Module, names: Iterable[str]) -> tuple[str, str] | None:
-    """The first two of ``names`` whose parameters overlap in memory (tied weights), or None."""
+    """The first two of ``names`` whose parameters overlap in memory (tied weights), or None. An
+    offloaded weight is checked where its value lives (accelerate's offload map)."""
     seen: list[tuple[str, torch.device, int, int]] = []
     for name in names:
-        p = get_parameter(model, name)
+        p = weight_value(model, name)
         if p.device.type == "meta":
             continue
         lo, hi = _span(p)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from .architecture import resolve_architecture
+from .architecture import resolve_architecture, weight_value
 from .method import EditContext, EditMethod, PatchKind
 from .patch import Patch, tensor_fingerprint
 from .request import EditRequest
@@ -164,7 +164,9 @@ def plugin_registered(plugin: Any, name: str, package: str = "local", version: s
 
 
 def state_fingerprint(model: Any) -> dict[str, str]:
-    return {name: tensor_fingerprint(p) for name, p in model.state_dict().items()}
+    """sha256 of every tensor of ``model.state_dict()``, read where it lives (through accelerate's offload
+    maps in a dispatched model)."""
+    return {name: tensor_fingerprint(weight_value(model, name)) for name in model.state_dict()}
 
 
 class MethodConformance:

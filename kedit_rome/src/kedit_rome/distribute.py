@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kedit_core.architecture import ArchitectureSpec
+from kedit_core.architecture import ArchitectureSpec, weight_value, write_weight
 from kedit_core.request import EditRequest
 
 from .common import lowrank_or_dense
@@ -78,9 +78,9 @@ def distribute(
             a, b = batched_least_squares(stats[layer], keys.T, resid.T, weight)
             param = arch.mlp_out_param(layer)
             w = arch.weight(model, param)
-            saved[param] = w.detach().clone()
+            saved[param] = weight_value(model, param).detach().clone()
             with torch.no_grad():
-                w.add_((a.double() @ b.double()).to(w.dtype))
+                write_weight(model, param, arch.to_param_layout(w + (a.double() @ b.double()).to(w.device, w.dtype)))
             d, lr = lowrank_or_dense(arch, param, a, b)
             dense.update(d)
             lowrank.update(lr)
@@ -92,7 +92,6 @@ def distribute(
                 float(saved[param].norm()),
             )
     finally:
-        with torch.no_grad():
-            for param, original in saved.items():
-                arch.weight(model, param).copy_(original)
+        for param, original in saved.items():
+            write_weight(model, param, original)
     return dense, lowrank

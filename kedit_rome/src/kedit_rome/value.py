@@ -174,7 +174,7 @@ class _AddAtFirst:
         out = output[0] if isinstance(output, tuple) else output
         if self.capture is not None:
             self.capture.append(out[:, 0].detach().clone())
-        new = torch.cat([out[:, :1] + self.delta_rows[:, None].to(out.dtype), out[:, 1:]], 1)
+        new = torch.cat([out[:, :1] + self.delta_rows[:, None].to(out.device, out.dtype), out[:, 1:]], 1)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 

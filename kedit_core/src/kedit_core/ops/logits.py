@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architecture import weight_value
+from ..offload import execution_device
+
 
 def final_hidden(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any
@@ -25,6 +28,16 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output embedding's weight ``[V, H]`` and bias (None where it has none), as values
+    (:func:`~kedit_core.architecture.weight_value`: read through accelerate's offload map)."""
+    head = model.get_output_embeddings()
+    path = next(name for name, module in model.named_modules() if module is head)
+    prefix = f"{path}." if path else ""
+    bias = weight_value(model, f"{prefix}bias") if getattr(head, "bias", None) is not None else None
+    return weight_value(model, f"{prefix}weight"), bias
+
+
 def logits_at(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -38,5 +51,7 @@ def logits_at(
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the input embedding (where input ids must go)."""
-    return model.get_input_embeddings().weight.device
+    """The device of the input embedding (where input ids must go): where accelerate runs it, in a
+    dispatched model (``device_map``; its weight may be offloaded), else where its weight is."""
+    embed = model.get_input_embeddings()
+    return execution_device(embed) or embed.weight.device

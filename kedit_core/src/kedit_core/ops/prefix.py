@@ -72,13 +72,18 @@ def cached_prefix(
 @contextlib.contextmanager
 def replay_layers(layers: Any, recorded: dict[int, Any]) -> Iterator[None]:
     """Inside the block, ``layers[i]`` returns ``recorded[i]`` whatever its input (instance-level
-    ``forward`` override, removed on exit)."""
-    patched = []
+    ``forward`` override; on exit the layer's own instance-level ``forward``, such as the wrapper
+    accelerate installs on a dispatched model, comes back)."""
+    patched: list[tuple[nn.Module, Any]] = []
+    missing = object()
     try:
         for i, out in recorded.items():
+            patched.append((layers[i], layers[i].__dict__.get("forward", missing)))
             layers[i].forward = lambda *a, _out=out, **k: _out  # type: ignore[method-assign]
-            patched.append(layers[i])
         yield
     finally:
-        for layer in patched:
-            del layer.forward
+        for layer, previous in reversed(patched):
+            if previous is missing:
+                del layer.forward
+            else:
+                layer.forward = previous

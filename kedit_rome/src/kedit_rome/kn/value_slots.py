@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kedit_core.ops.logits import head_weights
+
 
 def answer_embedding(model: nn.Module, token_id: int) -> torch.Tensor:
     """The output (unembedding) vector of ``token_id``, float32."""
-    return model.get_output_embeddings().weight[token_id].detach().float()
+    return head_weights(model)[0][token_id].detach().float()
 
 
 def value_slot_update(

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kedit_core.ops.logits import head_weights
+
 CHUNK = 8192
 
 
@@ -58,10 +60,10 @@ class _HeadLoss(torch.autograd.Function):
         e_r = torch.zeros(len(kl_idx), dim, device=hf.device)  # sum_v r_v cap'_v W_v (KL rows)
         r_l = torch.zeros(len(kl_idx), device=hf.device)  # sum_v r_v (log r_v - l_v) (KL rows)
         for lo in range(0, weight.shape[0], chunk):
-            w = weight[lo : lo + chunk].float()
+            w = weight[lo : lo + chunk].to(hf.device, torch.float32)  # an offloaded weight lives elsewhere
             z = hf @ w.T
             if bias is not None:
-                z = z + bias[lo : lo + chunk].float()
+                z = z + bias[lo : lo + chunk].to(hf.device, torch.float32)
             logits, slope = _capped(z, cap)
             m_new = torch.maximum(m, logits.max(1).values)
             rescale = torch.exp(m - m_new)
@@ -81,10 +83,11 @@ class _HeadLoss(torch.autograd.Function):
         loss = torch.zeros(n, device=hf.device)
         rows = (~kl).nonzero()[:, 0]
         if len(rows):
-            w_t = weight[targets[rows]].float()
+            at = targets[rows].to(weight.device)
+            w_t = weight[at].to(hf.device, torch.float32)
             z_t = (hf[rows] * w_t).sum(1)
             if bias is not None:
-                z_t = z_t + bias[targets[rows]].float()
+                z_t = z_t + bias[at].to(hf.device, torch.float32)
             l_t, s_t = _capped(z_t, cap)
             loss[rows] = lse[rows] - l_t
             grad[rows] = grad[rows] - (w_t if s_t is None else s_t[:, None] * w_t)
@@ -108,10 +111,10 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_parts(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-    """The output layer's weight ``[V, H]``, bias and logit soft-cap (``None`` where absent)."""
-    head = model.get_output_embeddings()
+    """The output layer's weight ``[V, H]``, bias and logit soft-cap (``None`` where absent); weight and
+    bias as values, read where they live (:func:`~kedit_core.ops.logits.head_weights`)."""
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), cap
+    return (*head_weights(model), cap)
 
 
 def head_loss(

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from kedit_core.architecture import ArchitectureSpec, get_parameter
+from kedit_core.architecture import ArchitectureSpec, trainable_weights
 from kedit_core.edit import Edit
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import EditContext, EditMethod, PatchKind
@@ -55,20 +55,10 @@ class _FineTune(EditMethod):
         ctx: EditContext,
     ) -> Edit:
         names = [arch.mlp_out_param(layer) for layer in arch.check_layers(model, hparams.layers, "layers")]
-        params = [get_parameter(model, n) for n in names]
-        originals = [p.detach().clone() for p in params]
-        grad_flags = [p.requires_grad for p in params]
-        try:
-            for p in params:
-                p.requires_grad_(True)
+        with trainable_weights(model, names) as params:  # restored bit-exactly on exit
+            originals = [p.detach().clone() for p in params]
             self._train(model, tokenizer, requests, hparams, params, originals)
             return Edit(dense={n: (p.detach() - o).float() for n, p, o in zip(names, params, originals, strict=True)})
-        finally:
-            with torch.no_grad():
-                for p, o, flag in zip(params, originals, grad_flags, strict=True):
-                    p.copy_(o)
-                    p.requires_grad_(flag)
-                    p.grad = None
 
     def _train(self, model, tokenizer, requests, hparams, params, originals) -> None:
         device = model_device(model)
