@@ -201,3 +201,28 @@ def test_a_meta_weight_nobody_holds_is_a_one_line_error():
         weight_value(model, name)
     with pytest.raises(KeditError, match="is on the meta device"):
         write_weight(model, name, torch.zeros(32, 64))
+
+
+def test_a_map_inferred_from_max_memory_with_offload(models, registry, tmp_path):
+    """The way users split a model too big for their memory: accelerate infers the map from ``max_memory``
+    (here half the weights fit in CPU memory, the rest goes to disk); ROME on it is ROME on the whole."""
+    whole, _, tok, directory = models
+    arch = resolve_architecture(whole)
+    size = sum(p.numel() * p.element_size() for p in whole.parameters())
+    layer_class = type(arch.layer_list(whole)[0]).__name__
+    device_map = accelerate.infer_auto_device_map(
+        whole, max_memory={"cpu": size // 2, "disk": 10 * size}, no_split_module_classes=[layer_class]
+    )
+    assert {"cpu", "disk"} <= set(device_map.values())
+    dispatched, _, _ = load_model(str(directory), device_map=device_map)
+    method = registry.method("rome")
+    hp = method.load_hparams(tiny_hparams()["rome"])
+    patches = [
+        method.compute_patch(m, tok, tiny_requests()[:1], hp, arch, EditContext(model_id="tiny", cache_dir=tmp_path))
+        for m in (whole, dispatched)
+    ]
+    assert patches[1].patch_id == patches[0].patch_id
+    before = state_fingerprint(dispatched)
+    with patches[0].applied(whole), patches[1].applied(dispatched):
+        assert torch.equal(logits(dispatched, tok), logits(whole, tok))
+    assert state_fingerprint(dispatched) == before and overrides(dispatched) == {}

@@ -254,3 +254,35 @@ def test_cli_export_and_import(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if the extra were not installed
     assert main(["patch", "export", *paths, "--out", str(tmp_path / "x")]) == 1
     assert "needs peft: pip install 'kedit-core[peft]'" in capsys.readouterr().err
+
+
+def _tiny_hparams() -> dict:
+    """The small hyperparameters of benchmarks/patch_ids.py (those of the conformance tests)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "patch_ids.py"
+    spec = importlib.util.spec_from_file_location("patch_ids", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HPARAMS
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "kn", "mend", "ke", "ft-l", "ft-m"])
+def test_every_weight_editing_method_exports(method, rome_registry, tmp_path):
+    """Every weight-delta method's patch, exported: low-rank ones exactly; dense ones as an SVD at full rank,
+    which is exact to float32 rounding. The logits of the base model with the adapter equal the patched
+    model's (tiny LLaMA, float32; the difference is printed)."""
+    from kedit_core.editor import Editor
+
+    model, tok = tiny_model("llama")
+    editor = Editor(rome_registry.method(method), model, tok, hparams=_tiny_hparams()[method], cache=tmp_path / "c")
+    patch = editor.compute_patch(tiny_requests()[:1])
+    report = export_peft([patch], tmp_path / "adapter", rank=model.config.hidden_size)
+    diff, effect, scale = compare(model, tok, [patch], tmp_path / "adapter")
+    errors = [m.relative_error or 0.0 for m in report.modules.values()]
+    print(
+        f"\n{method}: exact={report.exact} max rel. SVD error {max(errors):.2g}; max |logits(peft) - logits(kedit)| ="
+        f" {diff:.3g} (edit moves logits {effect:.3g})"
+    )
+    assert max(errors) <= 1e-5 and diff <= 1e-5 * scale
