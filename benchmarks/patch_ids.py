@@ -2,7 +2,9 @@
 change behaviour: the id hashes the patch's tensors (bit for bit) and its provenance, so equal ids before
 and after a change mean the methods computed exactly the same edits.
 
-    python benchmarks/patch_ids.py [--out FILE] [--compare OLD.json]
+    OMP_NUM_THREADS=1 python benchmarks/patch_ids.py [--out FILE] [--compare OLD.json]
+
+Compare runs made with the same number of torch threads: float reductions, and so the ids, depend on it.
 
 Each method edits the tiny GPT-2, LLaMA and Gemma 3 models (``kedit_core.testing``) with the first tiny
 request, from the unedited model, with the small hyperparameters its conformance tests use; trained
