@@ -188,9 +188,6 @@ def _write_fingerprints(source: Path, data: dict[str, Any]) -> None:
 def _cached_fingerprint(source: Path, model: nn.Module) -> str:
     """:func:`model_fingerprint` of a model just loaded from ``source``, computed once per dtype; for a
     model kedit converted (its own cache), also every parameter's sha256 in float32, once."""
-    from .architecture import weight_value
-    from .patch import tensor_fingerprint
-
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     data = _read_fingerprints(source)
     fingerprint = data.get("model", {}).get(dtype)
@@ -200,11 +197,7 @@ def _cached_fingerprint(source: Path, model: nn.Module) -> str:
         update["model"] = {**data.get("model", {}), dtype: fingerprint}
     own = source.resolve().parent == (cache_dir() / "models").resolve()
     if own and dtype == "float32" and not data.get("parameters", {}).get(dtype):
-        params = {
-            name: tensor_fingerprint(weight_value(model, name))
-            for name, _ in model.named_parameters(remove_duplicate=False)
-        }
-        update["parameters"] = {**data.get("parameters", {}), dtype: params}
+        update["parameters"] = {**data.get("parameters", {}), dtype: _parameter_fingerprints(model)}
     if update:
         _write_fingerprints(source, {**data, **update})
     return fingerprint
@@ -269,7 +262,6 @@ def _read_gguf(gguf: Path) -> tuple[nn.Module, Any]:
 def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) -> None:
     """Write the dequantized model to ``target`` atomically, with the sha256 fingerprint of every
     parameter (so patches for other weights can be refused before a later load)."""
-    from .patch import tensor_fingerprint
 
     # the weights are dequantized now; drop the GGUF quantizer so the model saves as plain safetensors
     model.hf_quantizer = None
@@ -290,8 +282,20 @@ def _save_converted(model: nn.Module, tokenizer: Any, gguf: Path, target: Path) 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    params = {name: tensor_fingerprint(p) for name, p in model.named_parameters(remove_duplicate=False)}
-    _write_fingerprints(target, {**_read_fingerprints(target), "parameters": {"float32": params}})
+    _write_fingerprints(
+        target, {**_read_fingerprints(target), "parameters": {"float32": _parameter_fingerprints(model)}}
+    )
+
+
+def _parameter_fingerprints(model: nn.Module) -> dict[str, str]:
+    """Every parameter's :func:`~kedit_core.patch.tensor_fingerprint`, tied names included, read where it lives."""
+    from .architecture import weight_value
+    from .patch import tensor_fingerprint
+
+    return {
+        name: tensor_fingerprint(weight_value(model, name))
+        for name, _ in model.named_parameters(remove_duplicate=False)
+    }
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -13,7 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,16 +330,32 @@ class Patch:
             handle.revert()
 
     def _check_fingerprints(self, model: nn.Module) -> None:
-        for name, expected in self.metadata["fingerprints"].items():
+        def fingerprint_of(name: str) -> str | None:
             try:
-                p = weight_value(model, name)
+                return tensor_fingerprint(weight_value(model, name))
             except KeditError:
-                raise PatchError(f"patch {self.patch_id} touches {name!r}, which this model does not have") from None
-            if tensor_fingerprint(p) != expected:
+                return None
+
+        self.check_fingerprints(fingerprint_of)
+
+    def check_fingerprints(
+        self, fingerprint_of: Callable[[str], str | None], *, skip: Collection[str] = (), note: str = ""
+    ) -> None:
+        """Refuse unless each parameter the patch fingerprinted (but those in ``skip``) holds the weights the
+        edit was made on: ``fingerprint_of(name)`` is its sha256 now, None where the model has no such
+        parameter. ``note`` says where the fingerprints came from."""
+        for name, expected in self.metadata["fingerprints"].items():
+            if name in skip:
+                continue
+            actual = fingerprint_of(name)
+            if actual is None:
+                raise PatchError(f"patch {self.patch_id} touches {name!r}, which this model does not have")
+            if actual != expected:
                 base = self.metadata["base_model"].get("id", "another model")
                 raise FingerprintMismatch(
                     f"patch {self.patch_id} was computed on other weights ({base}): parameter {name!r} differs "
-                    "from the one the edit was made on. Apply it to that model, or apply its parent patches first."
+                    f"from the one the edit was made on{note}. Apply it to that model, or apply its parent patches "
+                    "first."
                 )
 
     def _checked_deltas(self, model: nn.Module) -> dict[str, torch.Tensor]:

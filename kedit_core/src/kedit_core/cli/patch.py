@@ -39,7 +39,6 @@ def check_against_known_weights(patches: list, model: str, dtype: str) -> None:
     """Refuse, before the model is loaded, patches computed on other weights than ``model``'s, when kedit
     recorded that model's parameter fingerprints (models it converted). Patches apply in order: a
     parameter an earlier patch of the list changes is checked by ``apply`` later, not here."""
-    from ..errors import FingerprintMismatch
     from ..models import known_parameter_fingerprints
 
     known = known_parameter_fingerprints(model, dtype)
@@ -47,17 +46,7 @@ def check_against_known_weights(patches: list, model: str, dtype: str) -> None:
         return
     changed: set[str] = set()
     for p in patches:
-        for name, expected in p.metadata["fingerprints"].items():
-            if name in changed:
-                continue
-            if name not in known:
-                raise KeditError(f"patch {p.patch_id} touches {name!r}, which {model} does not have")
-            if known[name] != expected:
-                base = p.metadata["base_model"].get("id", "another model")
-                raise FingerprintMismatch(
-                    f"patch {p.patch_id} was computed on other weights ({base}) than {model}'s: parameter {name!r} "
-                    "differs (checked before loading the model). Apply it to that model, or its parent patches first."
-                )
+        p.check_fingerprints(known.get, skip=changed, note=f" ({model}, checked before loading the model)")
         changed.update(p.metadata["fingerprints"])
 
 
