@@ -1,3 +1,3 @@
-"""kedit-rome: locate-then-edit knowledge editing (ROME, MEMIT, PMET, KN) and causal tracing."""
+"""kedit-rome: locate-then-edit knowledge editing (ROME, MEMIT, PMET, AlphaEdit, KN) and causal tracing."""
 
 __version__ = "0.1.0"

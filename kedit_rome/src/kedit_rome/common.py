@@ -1,4 +1,4 @@
-"""What ROME, MEMIT and PMET share: statistics and template settings, their caches, and the update's form."""
+"""What ROME, MEMIT, PMET and AlphaEdit share: statistics and template settings, their caches, and the update's form."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kedit_core.models import model_fingerprint
 
 from .ops.context_templates import context_templates
 from .ops.least_squares import Factorization
+from .ops.null_space import NullSpaceRule, NullSpaces
 from .ops.second_moment import SecondMoments, StatsSpec
 
 DEFAULT_CORPUS = "stats_corpus.txt.gz"
@@ -48,17 +49,26 @@ def fingerprint(model: nn.Module, ctx: EditContext) -> str:
 class Statistics:
     """What a method derives from the unedited model and reuses across its edits, keyed by the model
     fingerprint: context templates (on disk, ``<cache_dir>/templates/<fingerprint>/``), second moments
-    ``C`` per layer (on disk, ``<cache_dir>/stats/<fingerprint>/``, and in memory) and the factorization
+    ``C`` per layer (on disk, ``<cache_dir>/stats/<fingerprint>/``, and in memory), the factorization
     of the last ``C`` solved with (in memory: a ``d_ff x d_ff`` float64 matrix), keyed by that ``C``'s
-    file -- fingerprint, layer, corpus content, sample size -- and the damping. A method instance owns
-    one, so its caches live as long as the method (an :class:`~kedit_core.editor.Editor` session)."""
+    file -- fingerprint, layer, corpus content, sample size -- and the damping, and the null-space
+    projectors of ``C`` (eigendecomposition on disk next to ``C``'s file, ``P`` in memory, keyed by that
+    file and the threshold). A method instance owns one, so its caches live as long as the method (an
+    :class:`~kedit_core.editor.Editor` session)."""
 
     def __init__(self) -> None:
         self.second_moments = SecondMoments()
+        self.null_spaces = NullSpaces()
         self._factor: tuple[tuple[Path, float], Factorization] | None = None
 
     def spec(self, model: nn.Module, opts: StatsOptions, ctx: EditContext) -> StatsSpec:
         return StatsSpec(fingerprint(model, ctx), corpus_path(opts), opts.mom2_n_tokens)
+
+    def second_moment_file(
+        self, model: nn.Module, arch: ArchitectureSpec, layer: int, opts: StatsOptions, ctx: EditContext
+    ) -> Path:
+        """The cache file of ``layer``'s ``C`` (what identifies it: fingerprint, layer, corpus, sample size)."""
+        return self.spec(model, opts, ctx).path(Path(ctx.cache_dir).resolve(), arch.layer_path(layer, arch.mlp_out))
 
     def second_moment(
         self,
@@ -84,11 +94,28 @@ class Statistics:
         damping: float,
     ) -> Factorization:
         """``C + damping * mean(diag C) * I`` of ``layer``, factorized (see :class:`Factorization`)."""
-        file = self.spec(model, opts, ctx).path(Path(ctx.cache_dir).resolve(), arch.layer_path(layer, arch.mlp_out))
+        file = self.second_moment_file(model, arch, layer, opts, ctx)
         if self._factor is None or self._factor[0] != (file, damping):
             c = self.second_moment(model, tokenizer, arch, [layer], opts, ctx)[layer]
             self._factor = ((file, damping), Factorization(c, damping))
         return self._factor[1]
+
+    def null_spaces_of(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        arch: ArchitectureSpec,
+        layers: list[int],
+        opts: StatsOptions,
+        ctx: EditContext,
+        rule: NullSpaceRule,
+    ) -> dict[int, torch.Tensor]:
+        """``{layer: P}`` (CPU, float64): the projectors onto the null spaces of the layers' ``C``
+        (:mod:`.ops.null_space`); the ``C`` they need first are computed together in one pass."""
+        files = {layer: self.second_moment_file(model, arch, layer, opts, ctx) for layer in layers}
+        missing = [layer for layer in layers if not self.null_spaces.ready(files[layer], rule)]
+        c = self.second_moment(model, tokenizer, arch, missing, opts, ctx) if missing else {}
+        return {layer: self.null_spaces.projector(files[layer], rule, c.get(layer)) for layer in layers}
 
     def templates(self, model: nn.Module, tokenizer: Any, opts: StatsOptions, ctx: EditContext) -> list[str]:
         spec = [tuple(x) for x in opts.context_template_length_params]

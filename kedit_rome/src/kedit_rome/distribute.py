@@ -5,12 +5,17 @@ For each critical layer ``l_i`` (ascending): re-measure what is still missing at
 change through the post-MLP norm if the architecture has one (:func:`kedit_rome.spread.residual_to_mlp_output`);
 solve the batched least squares with this layer's keys and second moment; apply the update so the
 next layer sees it. The updates are removed again before returning (bit-exact, from saved copies).
+
+How a layer's update is solved is the caller's :data:`LayerSolve`: MEMIT's least squares (Eq. 14) or
+AlphaEdit's null-space projected one (:mod:`kedit_rome.ops.least_squares`). The keys each layer was
+solved with come back with the updates (AlphaEdit keeps them for the edits that follow).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,10 +26,23 @@ from kedit_core.request import EditRequest
 
 from .common import lowrank_or_dense
 from .ops.keys import compute_keys_values, module_io_at, subject_positions
-from .ops.least_squares import batched_least_squares
 from .spread import residual_to_mlp_output, share
 
 log = logging.getLogger(__name__)
+
+#: a layer's update rule: ``(layer, keys [d_in, n], residuals [d_out, n]) -> (a, b)``, the factors of
+#: ``Delta = a @ b`` in ``[out, in]`` orientation
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LayerUpdates:
+    """What :func:`distribute` computed: the :class:`~kedit_core.edit.Edit` entries (``dense``,
+    ``lowrank``, see :func:`kedit_rome.common.lowrank_or_dense`) and each layer's keys ``[n, d_in]``."""
+
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def hidden_at_subject(
@@ -44,14 +62,12 @@ def distribute(
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     layers: Sequence[int],
-    stats: dict[int, torch.Tensor],
     z: torch.Tensor,
     target_site: str,
-    weight: float,
+    solve: LayerSolve,
     max_rotation: float = 0.5,
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The updates that move ``target_site``'s output toward ``z`` [n, d], as ``(dense, lowrank)``
-    entries of an :class:`~kedit_core.edit.Edit` (see :func:`kedit_rome.common.lowrank_or_dense`).
+) -> LayerUpdates:
+    """The updates that move ``target_site``'s output toward ``z`` [n, d], each layer's solved by ``solve``.
 
     With a post-MLP norm, every layer but the last adds at most ``max_rotation * ||N(m)||`` (its
     share is scaled down to that): a normalized MLP output can only turn, not grow, and asking a
@@ -62,8 +78,7 @@ def distribute(
     subjects = [r.subject for r in requests]
     lookup = subject_positions(tokenizer, prompts, subjects)
     saved: dict[str, torch.Tensor] = {}
-    dense: dict[str, torch.Tensor] = {}
-    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = LayerUpdates()
     try:
         for i, layer in enumerate(layers):
             current = module_io_at(model, tokenizer, prompts, lookup, target_site, "output")
@@ -75,15 +90,16 @@ def distribute(
                     cap = max_rotation * norm(values).norm(dim=-1, keepdim=True)
                 r = r * (cap / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
             resid = residual_to_mlp_output(norm, values, r)
-            a, b = batched_least_squares(stats[layer], keys.T, resid.T, weight)
+            a, b = solve(layer, keys.T, resid.T)
+            out.keys[layer] = keys.detach()
             param = arch.mlp_out_param(layer)
             w = arch.weight(model, param)
             saved[param] = weight_value(model, param).detach().clone()
             with torch.no_grad():
                 write_weight(model, param, arch.to_param_layout(w + (a.double() @ b.double()).to(w.device, w.dtype)))
             d, lr = lowrank_or_dense(arch, param, a, b)
-            dense.update(d)
-            lowrank.update(lr)
+            out.dense.update(d)
+            out.lowrank.update(lr)
             log.info(
                 "layer %d: missing %.3f, update norm %.3f (weight %.3f)",
                 layer,
@@ -94,4 +110,4 @@ def distribute(
     finally:
         for param, original in saved.items():
             write_weight(model, param, original)
-    return dense, lowrank
+    return out

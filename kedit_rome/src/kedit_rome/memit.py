@@ -17,40 +17,44 @@ All updates are taken off the model again before returning (the core applies the
 
 from __future__ import annotations
 
-from kedit_core.architecture import ArchitectureSpec
-from kedit_core.edit import Edit
-from kedit_core.method import EditContext, EditMethod, PatchKind
-from kedit_core.request import EditRequest
+from typing import Any
 
-from .common import Statistics
-from .spread_edit import SpreadHyperparams, spread_edit
+from pydantic import Field
+
+from kedit_core.architecture import ArchitectureSpec
+from kedit_core.method import EditContext
+
+from .distribute import LayerSolve
+from .ops.least_squares import batched_least_squares
+from .spread_edit import SpreadHyperparams, SpreadMethod
 
 
 class MEMITHyperparams(SpreadHyperparams):
     """MEMIT's knobs (see :class:`kedit_rome.spread_edit.SpreadHyperparams`)."""
 
+    #: lambda in ``lambda C + K K^T`` (C is the per-token mean second moment)
+    mom2_update_weight: float = Field(default=15000.0, gt=0)
 
-class MEMIT(EditMethod):
+
+class MEMIT(SpreadMethod):
     """Batched edits spread over several MLP layers."""
 
     name = "memit"
     hparams_class = MEMITHyperparams
-    supports_batch = True
-    supports_sequential = True
-    edit_area = "FFN"
-    kind = PatchKind.WEIGHT_DELTA
-    preset_package = "kedit_rome"
 
-    def __init__(self) -> None:
-        self.statistics = Statistics()
-
-    def compute_edit(
+    def layer_solver(
         self,
-        model,
-        tokenizer,
-        requests: list[EditRequest],
-        hparams: MEMITHyperparams,
+        model: Any,
+        tokenizer: Any,
         arch: ArchitectureSpec,
+        layers: list[int],
+        hparams: MEMITHyperparams,
         ctx: EditContext,
-    ) -> Edit:
-        return spread_edit(self.statistics, model, tokenizer, requests, hparams, arch, ctx)
+    ) -> LayerSolve:
+        """MEMIT Eq. 14 with each layer's second moment ``C``."""
+        stats = self.statistics.second_moment(model, tokenizer, arch, layers, hparams, ctx)
+
+        def solve(layer: int, keys: Any, residuals: Any) -> Any:
+            return batched_least_squares(stats[layer], keys, residuals, hparams.mom2_update_weight)
+
+        return solve

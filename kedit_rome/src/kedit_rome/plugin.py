@@ -8,6 +8,7 @@ def register_methods(register):
     register(MethodSpec("rome", "kedit_rome.rome:ROME"))
     register(MethodSpec("memit", "kedit_rome.memit:MEMIT", batch=True))
     register(MethodSpec("pmet", "kedit_rome.pmet:PMET", batch=True))
+    register(MethodSpec("alphaedit", "kedit_rome.alphaedit:AlphaEdit", batch=True))
     register(MethodSpec("kn", "kedit_rome.kn.method:KN", edit_area="FFN neurons"))
 
 

@@ -17,17 +17,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kedit_core.architecture import ArchitectureSpec
-from kedit_core.edit import Edit
-from kedit_core.method import EditContext, EditMethod, PatchKind
-from kedit_core.request import EditRequest
-
-from .common import Statistics
-from .spread_edit import SpreadHyperparams, spread_edit
+from .memit import MEMIT, MEMITHyperparams
 
 
-class PMETHyperparams(SpreadHyperparams):
-    """PMET's knobs (see :class:`kedit_rome.spread_edit.SpreadHyperparams`)."""
+class PMETHyperparams(MEMITHyperparams):
+    """PMET's knobs (see :class:`kedit_rome.memit.MEMITHyperparams`)."""
 
     #: norm clamp of the attention vector, in units of the attention output's norm (default:
     #: ``clamp_norm_factor``, as for the FFN vector). Adam moves both vectors by about ``v_lr`` per
@@ -36,30 +30,11 @@ class PMETHyperparams(SpreadHyperparams):
     attn_clamp_norm_factor: float | None = Field(default=None, gt=0)
 
 
-class PMET(EditMethod):
+class PMET(MEMIT):
     """MEMIT-style batched edits that write only the FFN part of the optimized hidden state."""
 
     name = "pmet"
     hparams_class = PMETHyperparams
-    supports_batch = True
-    supports_sequential = True
-    edit_area = "FFN"
-    kind = PatchKind.WEIGHT_DELTA
-    preset_package = "kedit_rome"
 
-    def __init__(self) -> None:
-        self.statistics = Statistics()
-
-    def compute_edit(
-        self,
-        model,
-        tokenizer,
-        requests: list[EditRequest],
-        hparams: PMETHyperparams,
-        arch: ArchitectureSpec,
-        ctx: EditContext,
-    ) -> Edit:
-        attn_clamp = (
-            hparams.clamp_norm_factor if hparams.attn_clamp_norm_factor is None else hparams.attn_clamp_norm_factor
-        )
-        return spread_edit(self.statistics, model, tokenizer, requests, hparams, arch, ctx, attn_clamp)
+    def attn_clamp(self, hparams: PMETHyperparams) -> float | None:
+        return hparams.clamp_norm_factor if hparams.attn_clamp_norm_factor is None else hparams.attn_clamp_norm_factor

@@ -9,6 +9,11 @@ Batched (MEMIT Eq. 14), for keys ``K [d_in, n]`` and residuals ``R [d_out, n]``:
 
     Delta = R K^T (lambda C + K K^T)^-1
 
+Null-space projected (AlphaEdit, Fang et al. 2025), with ``P`` the projector onto the null space of the
+preserved keys (:mod:`.null_space`) and ``K_p`` the keys of earlier edits of a sequential stream::
+
+    Delta = R K^T P (K_p K_p^T P + K K^T P + lambda I)^-1
+
 All updates are returned in ``[out, in]`` orientation; solves run in float64.
 """
 
@@ -60,4 +65,26 @@ def batched_least_squares(
     c = second_moment.double()
     k = keys.double()
     adj = torch.linalg.solve(weight * c + k @ k.T, k)
+    return residuals.to(keys.dtype), adj.T.to(keys.dtype).contiguous()
+
+
+def null_space_least_squares(
+    projector: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, prior: torch.Tensor | None, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(R [d_out, n], B [n, d_in])`` of AlphaEdit's ``Delta = R K^T P (A P + weight I)^-1`` with
+    ``A = K_p K_p^T + K K^T``.
+
+    ``projector``: ``P [d_in, d_in]``; ``keys [d_in, n]``; ``residuals [d_out, n]``; ``prior``: ``K_p K_p^T``
+    (None: no earlier edits). It minimizes ``||(W + Delta P) K - V||^2 + ||Delta P K_p||^2 + weight ||Delta P||^2``,
+    and ``Delta = Delta P``: keys in the preserved subspace (``P k = 0``) and, as far as the null space allows,
+    the earlier edits' keys keep their outputs. ``B^T = (P A + weight I)^-1 P K`` (the transpose of the
+    solve: ``A`` and ``P`` are symmetric); it lies in the range of ``P``.
+    """
+    p = projector.double()
+    k = keys.double()
+    a = k @ k.T
+    if prior is not None:
+        a = a + prior.double()
+    system = p @ a + weight * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    adj = torch.linalg.solve(system, p @ k)
     return residuals.to(keys.dtype), adj.T.to(keys.dtype).contiguous()
