@@ -1,7 +1,7 @@
 """Score an editing method on CounterFact records of the real model (each edit from the unedited
 model unless --sequential; one batch of --batch-size edits for batch methods).
 
-    python benchmarks/counterfact_eval.py rome --n 100 --fluency --out benchmarks/results/rome_cf100.json
+    python benchmarks/counterfact_eval.py rome --n 100 --out benchmarks/results/rome_cf100.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--sequential", action="store_true")
-    ap.add_argument("--fluency", action="store_true")
+    ap.add_argument("--no-generation", action="store_true", help="teacher-forced protocol only (faster)")
     ap.add_argument("--hparams", default=None, help="YAML/JSON file or inline JSON overrides")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -42,7 +42,9 @@ def main() -> None:
         )
     reqs = load_requests(args.data)[args.start : args.start + args.n]
     t0 = time.perf_counter()
-    result = editor.edit(reqs, sequential=args.sequential, batch_size=args.batch_size, fluency=args.fluency)
+    result = editor.edit(
+        reqs, sequential=args.sequential, batch_size=args.batch_size, generation=not args.no_generation
+    )
     report = result.to_report()
     report["wall_s"] = time.perf_counter() - t0
     report["hparams"] = editor.hparams.to_dict()

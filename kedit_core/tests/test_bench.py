@@ -34,7 +34,7 @@ def config(data, **kw) -> BenchConfig:
         "counterfact_n": 2,
         "speed_n": 2,
         "sequential_n": 3,
-        "fluency": True,
+        "generation": True,
         "methods": ["ft-l", "ft-m"],
         "options": {
             "ft-l": {"hparams": FT_HP},
@@ -59,7 +59,8 @@ def test_plan_follows_capability_flags_and_options(ft_plugin, data):
     }
     assert kinds[("ft-l", "batch")].batch_size == 2 and kinds[("ft-l", "sequential")].sequential
     assert kinds[("ft-m", "zsre")].n == 2 and kinds[("ft-l", "zsre")].n == 3  # max_records caps
-    assert kinds[("ft-l", "zsre")].fluency and not kinds[("ft-l", "counterfact")].fluency
+    assert kinds[("ft-l", "zsre")].generation and kinds[("ft-l", "counterfact")].generation
+    assert not kinds[("ft-l", "batch")].generation  # the timing-only job never generates
     with pytest.raises(KeditError, match="unknown method 'nope'"):
         runner.plan(config(data, methods=["nope"]), ft_plugin)
     with pytest.raises(KeditError, match="unknown job kinds"):
@@ -211,7 +212,7 @@ def test_cli_bench_runs_jobs_in_child_processes(data, tmp_path, monkeypatch, cap
                 "methods": ["ft-l"],
                 "sequential_n": 2,
                 "zsre_n": 2,
-                "fluency": False,
+                "generation": False,
             }
         )
     )

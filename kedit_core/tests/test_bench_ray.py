@@ -51,7 +51,7 @@ def sweep_config(data, **kw) -> BenchConfig:
         "counterfact": str(data / "counterfact.json"),
         "zsre_n": 2,
         "counterfact_n": 1,
-        "fluency": False,
+        "generation": False,
         "methods": ["ft-l", "ft-m"],
         "models": ["tiny-a", "tiny-b"],
         "options": {m: {"hparams": FT_HP, "skip": ["batch", "sequential"]} for m in ("ft-l", "ft-m")},

@@ -78,15 +78,15 @@ def test_too_long_probe_is_refused_with_record_index_and_field(field, update):
         ed.edit(reqs)
 
 
-def test_generation_prompt_is_checked_with_the_generated_tokens_only_when_fluency_is_on():
+def test_generation_prompt_is_checked_with_the_generated_tokens_only_when_generation_is_on():
     ed = editor("llama")
     gen = "Toyota is a company headquartered in"
     while len(ed.tokenizer(gen)["input_ids"]) < 100:  # fits in 128 positions, but not with 40 more tokens
         gen += " Japan"
     reqs = [tiny_requests()[0].model_copy(update={"generation_prompts": (gen,)})]
     with pytest.raises(RequestError, match=r"^record 0: generation_prompts\[0\] \+ 40 generated tokens is \d+ tokens"):
-        ed.edit(reqs, fluency=True)
-    ed.edit(reqs, evaluate=False)  # without fluency nothing is generated: accepted
+        ed.edit(reqs)
+    ed.edit(reqs, generation=False)  # without the generation protocol nothing is generated: accepted
 
 
 @pytest.mark.parametrize("keep", [False, True])

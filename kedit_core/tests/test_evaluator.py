@@ -82,7 +82,7 @@ def test_locality_against_a_changed_reference():
 
 def test_generation_and_fluency():
     model, tok = tiny_model("gemma3")
-    ev = Evaluator(model, tok, fluency=True, max_new_tokens=5)
+    ev = Evaluator(model, tok, max_new_tokens=5)
     texts = ev.generate(["The capital of Italy is", "Paris"])
     assert len(texts) == 2
     req = EditRequest(prompt="The capital of Italy is", subject="Italy", target_new="Paris")

@@ -35,7 +35,29 @@ def test_builtins_are_listed_once_in_order():
     names = metric_names()
     assert names[:3] == ["reliability", "generalization", "locality"] and names[-1] == "fluency"
     assert len(names) == len(set(names)) == len(BUILTIN_METRICS)
-    assert metric_names("counterfact") == ["efficacy_score", "paraphrase_score", "neighborhood_score"]
+    assert metric_names("counterfact")[:3] == ["efficacy_score", "paraphrase_score", "neighborhood_score"]
+    for table in ("zsre", "counterfact", "sequential"):  # every table shows the generation protocol beside
+        assert {"gen_reliability", "gen_locality", "degenerate"} <= set(metric_names(table))
+
+
+def test_a_judge_plugin_reads_the_generations_without_generating_again(ft_plugin):
+    def answer_length(evaluator, requests, references):
+        return [float(len(g.answer.split())) for g in evaluator.last_generations]
+
+    class Judge:
+        @hookimpl
+        def register_metrics(self, register):
+            register(Metric("answer_words", "toy-judge: words in the greedy answer", ("counterfact",), answer_length))
+
+    model, tok = tiny_model("llama")
+    with plugin_registered(Judge(), "judge", "pkg-judge", "1.0"):
+        result = Editor("ft-m", model, tok, hparams=HP).edit(tiny_requests()[:2])
+        assert "answer_words" in metric_names("counterfact")
+        report = result.to_report()
+    for row in report["per_request"]:
+        answer = row["generations"]["post"]["texts"]["reliability"][0]
+        assert row["post"]["answer_words"] == len(answer.split())
+    assert report["protocols"]["answer_words"].startswith("toy-judge")
 
 
 def test_a_plugin_metric_reaches_evaluator_report_and_tables(metric_plugin):

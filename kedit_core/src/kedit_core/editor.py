@@ -49,6 +49,9 @@ class EditResult:
     pre: list[dict[str, float]] = field(default_factory=list)
     post: list[dict[str, float]] = field(default_factory=list)
     post_final: list[dict[str, float]] | None = None
+    #: generation protocol: each request's continuations and degeneracy flags (``Generations.to_dict``)
+    #: before, right after its edit, and on the final model of a sequential run
+    generations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     edit_seconds: list[float] = field(default_factory=list)
     rss_mb_curve: list[tuple[int, float]] = field(default_factory=list)
     peak_rss_mb: float = 0.0
@@ -72,6 +75,10 @@ class EditResult:
                 out[name] = value
         return out
 
+    def degenerate(self, which: str = "post") -> list[tuple[int, list[str]]]:
+        """(request index, reasons) of each request found degenerate in the generation protocol."""
+        return [(i, g["flags"]) for i, g in enumerate(self.generations.get(which, [])) if g["flags"]]
+
     def to_report(self) -> dict[str, Any]:
         """The documented ``kedit eval --json`` contract."""
         final = self.post_final is not None
@@ -94,6 +101,11 @@ class EditResult:
                     "pre": self.pre[i] if i < len(self.pre) else {},
                     "post": self.post[i] if i < len(self.post) else {},
                     **({"final": self.post_final[i]} if final and self.post_final else {}),
+                    **(
+                        {"generations": {k: v[i] for k, v in self.generations.items() if i < len(v)}}
+                        if self.generations
+                        else {}
+                    ),
                 }
                 for i, r in enumerate(self.requests)
             ],
@@ -181,7 +193,7 @@ class Editor:
         reqs = as_requests(requests)
         if len(reqs) > 1 and not self.method.supports_batch:
             raise KeditError(f"method {self.method.name!r} edits one request at a time (no batch editing)")
-        self.check_requests(reqs, batch_size=len(reqs))
+        self.check_requests(reqs, batch_size=len(reqs), generation=False)
         try:
             return self.method.compute_patch(
                 self.model,
@@ -198,10 +210,10 @@ class Editor:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise EditError(f"method {self.method.name!r} failed: {type(exc).__name__}: {first}") from exc
 
-    def check_requests(self, requests: list[EditRequest], batch_size: int = 1, fluency: bool = False) -> None:
+    def check_requests(self, requests: list[EditRequest], batch_size: int = 1, generation: bool = True) -> None:
         """Refuse, before anything is edited, texts longer than the model's positions and batches of
         ``batch_size`` that ask one prompt for two targets (:mod:`kedit_core.preflight`)."""
-        generate = self.evaluator().max_new_tokens if fluency else 0
+        generate = self.evaluator().max_new_tokens if generation else 0
         check_lengths(requests, self.tokenizer, self.arch.max_positions(self.model), generate_tokens=generate)
         if batch_size > 1:
             for lo in range(0, len(requests), batch_size):
@@ -214,8 +226,9 @@ class Editor:
             self.model, self.tokenizer, self.hparams, self.arch, self._ctx, train=train, val=val, out_dir=Path(out_dir)
         )
 
-    def evaluator(self, fluency: bool = False) -> Evaluator:
-        return Evaluator(self.model, self.tokenizer, fluency=fluency)
+    def evaluator(self, generation: bool = True) -> Evaluator:
+        """An evaluator of this editor's model; ``generation=False`` scores the teacher-forced protocol only."""
+        return Evaluator(self.model, self.tokenizer, generation=generation)
 
     # -- the main entry point ---------------------------------------------------------------------
     def edit(
@@ -226,7 +239,7 @@ class Editor:
         keep_original_weight: bool = True,
         evaluate: bool = True,
         batch_size: int | None = None,
-        fluency: bool = False,
+        generation: bool = True,
         on_chunk: Callable[[int, EditResult], None] | None = None,
         run_dir: str | Path | None = None,
     ) -> EditResult:
@@ -250,18 +263,25 @@ class Editor:
         reqs = as_requests(requests)
         bs = batch_size or int(getattr(self.hparams, "batch_size", 1) or 1)
         self._check_run(len(reqs), bs, sequential, keep_original_weight, run_dir)
-        self.check_requests(reqs, batch_size=bs, fluency=fluency)
+        self.check_requests(reqs, batch_size=bs, generation=generation)
         result = EditResult(self.method.name, self.model_info.id, reqs, [], sequential=sequential, batch_size=bs)
         run = None
         if run_dir is not None:
             run = RunState(
                 run_dir,
-                run_signature(self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint, reqs, bs, fluency),
+                run_signature(
+                    self.method.name, self.hparams.to_dict(), self._ctx.model_fingerprint, reqs, bs, generation
+                ),
             )
         with run.locked() if run is not None else contextlib.nullcontext():
             try:
                 self._run(
-                    result, evaluate=evaluate, fluency=fluency, keep=keep_original_weight, on_chunk=on_chunk, run=run
+                    result,
+                    evaluate=evaluate,
+                    generation=generation,
+                    keep=keep_original_weight,
+                    on_chunk=on_chunk,
+                    run=run,
                 )
             except BaseException:
                 self.restore(result)  # the transaction: the model as it was before the call
@@ -290,17 +310,18 @@ class Editor:
         result: EditResult,
         *,
         evaluate: bool,
-        fluency: bool,
+        generation: bool,
         keep: bool,
         on_chunk: Callable[[int, EditResult], None] | None,
         run: RunState | None,
     ) -> None:
         """The chunks of :meth:`edit`; whatever it leaves applied is in ``result.handles``/``baseline``."""
         reqs, bs, sequential = result.requests, result.batch_size, result.sequential
-        ev = self.evaluator(fluency=fluency)
+        ev = self.evaluator(generation=generation)
         refs, parent, done = self._resume(result, run, evaluate)
         if refs is None and evaluate and done == 0:
             result.pre, refs = ev.evaluate_with_reference(reqs)
+            result.generations["pre"] = [g.to_dict() for g in ev.last_generations]
         bar = tqdm(
             total=len(reqs), initial=done, desc=f"{self.method.name} edits", unit="edit", disable=not self.progress
         )
@@ -319,6 +340,7 @@ class Editor:
                 result.patches.append(patch)
                 if evaluate:
                     result.post.extend(ev.evaluate(chunk, refs[lo : lo + len(chunk)] if refs else None))
+                    result.generations.setdefault("post", []).extend(g.to_dict() for g in ev.last_generations)
                 if sequential:
                     parent = patch
                 elif keep or len(reqs) > bs:
@@ -332,6 +354,7 @@ class Editor:
                     on_chunk(done, result)
             if sequential and evaluate:
                 result.post_final = ev.evaluate(reqs, refs)
+                result.generations["final"] = [g.to_dict() for g in ev.last_generations]
         finally:
             bar.close()
 
@@ -342,6 +365,7 @@ class Editor:
             return None, None, 0
         refs = RunState.references(saved) if evaluate else None
         result.pre, result.post = saved["pre"], saved["post"]
+        result.generations = saved.get("generations") or {}
         result.edit_seconds = saved["edit_seconds"]
         result.rss_mb_curve = [tuple(x) for x in saved["rss_mb_curve"]]
         parent = None

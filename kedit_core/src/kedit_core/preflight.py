@@ -1,8 +1,8 @@
 """Checks on edit requests made before the first edit, so a run never fails half-way on its input.
 
 - :func:`check_lengths`: every text a run feeds the model -- the edit prompt with its targets,
-  rephrases, locality and portability probes, neighborhood prompts, and (with fluency) the
-  generation prompts plus the tokens generated -- fits in the model's positions;
+  rephrases, locality and portability probes, neighborhood prompts, and (with the generation
+  protocol) the prompts continued for fluency plus the tokens generated -- fits in the model's positions;
 - :func:`check_batch_conflicts`: one batch does not ask the same prompt for two different targets
   (a batch method would silently average or pick one).
 
@@ -36,9 +36,11 @@ def request_texts(request: EditRequest, generate: bool = False) -> Iterator[tupl
     for kind in ("locality", "portability"):
         for j, probe in enumerate(getattr(request, kind)):
             yield f"{kind}[{j}]", probe.prompt, probe.target
-    if generate:
-        for j, p in enumerate(request.generation_prompts or (request.prompt,)):
-            yield f"generation_prompts[{j}]" if request.generation_prompts else "prompt (generation)", p, None
+    if generate:  # the fluency prompts of the generation protocol (evaluate.protocol.fluency_prompts)
+        yield "prompt (generation)", request.prompt, None
+        others = [(j, p) for j, p in enumerate(request.generation_prompts) if p != request.prompt]
+        for j, p in others[:1]:
+            yield f"generation_prompts[{j}]", p, None
 
 
 def check_lengths(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KeditError, RunLocked
-from .evaluate.evaluator import Reference
+from .evaluate.protocol import Reference
 from .fsutil import atomic_write_text
 from .patch import Patch
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def run_signature(
-    method: str, hparams: dict[str, Any], model_fingerprint: str, requests: list[Any], batch_size: int, fluency: bool
+    method: str, hparams: dict[str, Any], model_fingerprint: str, requests: list[Any], batch_size: int, generation: bool
 ) -> dict[str, Any]:
     """What must match for a saved run to be resumed."""
     h = hashlib.sha256()
@@ -51,7 +51,7 @@ def run_signature(
         "requests_sha256": h.hexdigest(),
         "n": len(requests),
         "batch_size": batch_size,
-        "fluency": fluency,
+        "generation": generation,
     }
 
 
@@ -116,7 +116,7 @@ class RunState:
     @staticmethod
     def references(state: dict[str, Any]) -> list[Reference] | None:
         refs = state.get("refs")
-        return None if refs is None else [Reference(r) for r in refs]
+        return None if refs is None else [Reference.from_dict(r) for r in refs]
 
     def save(self, result: Any, refs: list[Reference] | None, done: int, patch: Patch, cumulative: bool) -> None:
         """Record that ``done`` requests are edited, ``patch`` being the newest."""
@@ -130,9 +130,10 @@ class RunState:
             "patch_files": self.patch_files,
             "pre": result.pre,
             "post": result.post,
+            "generations": result.generations,
             "edit_seconds": result.edit_seconds,
             "rss_mb_curve": result.rss_mb_curve,
-            "refs": None if refs is None else [r.locality_tokens for r in refs],
+            "refs": None if refs is None else [r.to_dict() for r in refs],
         }
         atomic_write_text(self.dir / STATE_FILE, json.dumps(state))
         for f in old:

@@ -56,13 +56,24 @@ class BenchConfig(BaseModel):
     #: Table 2: the first ``zsre_n`` ZsRE records (from ``zsre_start``), each edit from the unedited model
     zsre_n: int = Field(default=50, ge=1)
     zsre_start: int = Field(default=0, ge=0)
-    #: generate and score fluency on the Table 2 records
-    fluency: bool = True
+    #: score the generation protocol (greedy answers, fluency, degeneracy) in the ZsRE, CounterFact and
+    #: sequential jobs besides the teacher-forced one (the timing-only batch job never generates)
+    generation: bool = True
     #: CounterFact ES/PS/NS table; its first ``speed_n`` edits give Table 1's time for 10 edits
     counterfact_n: int = Field(default=30, ge=1)
     speed_n: int = Field(default=10, ge=1)
     #: the sequential figure: this many ZsRE records edited one after another
     sequential_n: int = Field(default=30, ge=1)
+    #: the data set edited one after another (default: ``zsre`` from ``zsre_start``; a CounterFact set adds
+    #: efficacy and paraphrase scores to the figure, from its first record)
+    sequential_data: str | None = None
+
+    def sequential_subset(self) -> tuple[str, int]:
+        """(data set, first record) of the sequential job."""
+        if self.sequential_data is None or self.sequential_data == self.zsre:
+            return self.zsre, self.zsre_start
+        return self.sequential_data, 0
+
     #: torch threads in each job (None: torch's default)
     threads: int | None = Field(default=None, ge=1)
     #: jobs running at once, each in its own process (with ``threads: 1``, one per core)

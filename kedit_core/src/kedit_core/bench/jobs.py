@@ -27,7 +27,8 @@ class JobSpec:
     start: int = 0
     batch_size: int = 1
     sequential: bool = False
-    fluency: bool = False
+    #: the generation protocol (generation-scored metrics, fluency, degeneracy) besides teacher forcing
+    generation: bool = False
     hparams: Any = None
     checkpoint: str | None = None
     device: str = "cpu"
@@ -76,7 +77,7 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
         )
     load_s = time.perf_counter() - t0
     requests = load_requests(spec.data, limit=spec.start + spec.n)[spec.start :]
-    result = editor.edit(requests, sequential=spec.sequential, batch_size=spec.batch_size, fluency=spec.fluency)
+    result = editor.edit(requests, sequential=spec.sequential, batch_size=spec.batch_size, generation=spec.generation)
     report = result.to_report()
     info = get_registry().methods[editor.method.name].plugin
     per_edit = [s / spec.batch_size for s in result.edit_seconds]

@@ -73,7 +73,7 @@ def build_document(
         "data": {
             "zsre": _data_subset(config.zsre, config.zsre_start, config.zsre_n),
             "counterfact": _data_subset(config.counterfact, 0, config.counterfact_n),
-            "sequential": _data_subset(config.zsre, config.zsre_start, config.sequential_n),
+            "sequential": _data_subset(*config.sequential_subset(), config.sequential_n),
         },
         "load_avg_max": max((max(r.get("load_avg", [0.0])) for r in ok), default=None),
         "jobs": {
@@ -187,6 +187,37 @@ def _add_rows(
 
 
 # -- rendering ------------------------------------------------------------------------------------
+#: short column names: TF = teacher-forced (EasyEdit token accuracy), gen = generation protocol
+COLUMN_LABELS = {
+    "reliability": "rel. TF",
+    "generalization": "gen. TF",
+    "locality": "loc. TF",
+    "portability": "port. TF",
+    "efficacy_score": "ES",
+    "paraphrase_score": "PS",
+    "neighborhood_score": "NS",
+    "gen_reliability": "rel. gen",
+    "gen_generalization": "gen. gen",
+    "gen_locality": "loc. gen",
+    "gen_portability": "port. gen",
+    "degenerate": "degenerate",
+    "fluency": "fluency",
+}
+
+PROTOCOL_LEGEND = (
+    "*TF*: teacher-forced token accuracy (EasyEdit's protocol; locality: share of the unedited model's argmax "
+    "tokens kept). *gen*: generation protocol -- greedy decoding from the prompt alone, the answer's leading "
+    "phrase equal to the target after normalization, a degenerate request counted as a failure; locality: the "
+    "unedited model's greedy answer unchanged. *degenerate*: share of requests whose continuations hold a "
+    "special token, a loop the unedited model does not make, or a fluency drop of more than 1 bit. *fluency*: "
+    "n-gram entropy of 40-token greedy generations (unedited model in the first row)."
+)
+
+
+def column_label(metric: str) -> str:
+    return COLUMN_LABELS.get(metric, metric)
+
+
 def _f(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -289,48 +320,39 @@ def render_markdown(doc: dict[str, Any], figure: str | None = None) -> str:
     zs = d["zsre"]
     out += [
         f"**Table 2** — ZsRE `{zs['file']}` records {zs['start']}–{zs['start'] + zs['n'] - 1} (fewer where *n* "
-        "says so), each edit from the unedited model; EasyEdit token accuracy; fluency = n-gram entropy of "
-        "greedy generations (unedited in the first row).",
+        "says so), each edit from the unedited model. " + PROTOCOL_LEGEND,
         "",
     ]
-    rows = [
-        [label, "–"] + [_f(pre.get(m)) for m in metric_names("zsre")] + ["–"]
-        for label, pre in _unedited_rows(doc, "zsre")
-    ]
+    names = metric_names("zsre")
+    rows = [[label, "–"] + [_f(pre.get(m)) for m in names] + ["–"] for label, pre in _unedited_rows(doc, "zsre")]
     rows += [
-        [r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("zsre")] + [_f(r["s_per_edit"], 2)]
-        for r in doc["table2"]
+        [r["method"], str(r["n"])] + [_f(r.get(m)) for m in names] + [_f(r["s_per_edit"], 2)] for r in doc["table2"]
     ]
-    out += [
-        _md_table(
-            ["method", "n", "reliability", "generalization", "locality", "portability", "fluency", "s/edit"], rows
-        ),
-        "",
-    ]
+    out += [_md_table(["method", "n", *map(column_label, names), "s/edit"], rows), ""]
     cf = d["counterfact"]
     out += [
-        f"**CounterFact** `{cf['file']}` first {cf['n']} records: efficacy / paraphrase / neighborhood score "
-        "(P(new) > P(true); neighborhood: P(true) > P(new)).",
+        f"**CounterFact** `{cf['file']}` first {cf['n']} records, each edit from the unedited model: efficacy / "
+        "paraphrase / neighborhood score (P(new) > P(true); neighborhood: P(true) > P(new)) and the generation "
+        "protocol (locality: the neighborhood prompts' greedy answers unchanged).",
         "",
     ]
-    rows = [
-        [label, "–"] + [_f(pre.get(m)) for m in metric_names("counterfact")]
-        for label, pre in _unedited_rows(doc, "counterfact")
-    ]
-    rows += [[r["method"], str(r["n"])] + [_f(r[m]) for m in metric_names("counterfact")] for r in doc["counterfact"]]
-    out += [_md_table(["method", "n", "ES", "PS", "NS"], rows), ""]
+    names = metric_names("counterfact")
+    rows = [[label, "–"] + [_f(pre.get(m)) for m in names] for label, pre in _unedited_rows(doc, "counterfact")]
+    rows += [[r["method"], str(r["n"])] + [_f(r.get(m)) for m in names] for r in doc["counterfact"]]
+    out += [_md_table(["method", "n", *map(column_label, names)], rows), ""]
     sq = d["sequential"]
     out += [
-        f"**Sequential editing** — ZsRE records {sq['start']}–{sq['start'] + sq['n'] - 1} edited one after "
-        "another: scores of all edits on the final model (after each edit in parentheses).",
+        f"**Sequential editing** — `{sq['file']}` records {sq['start']}–{sq['start'] + sq['n'] - 1} edited one "
+        "after another: scores of all edits on the final model (after each edit in parentheses); the figure "
+        "draws the unedited model's score as a dashed line.",
         "",
     ]
+    names = metric_names("sequential")
     rows = [
-        [r["method"], str(r["n"])]
-        + [f"{_f(r['final'][m])} ({_f(r['after_each'][m])})" for m in metric_names("sequential")]
+        [r["method"], str(r["n"])] + [f"{_f(r['final'].get(m))} ({_f(r['after_each'].get(m))})" for m in names]
         for r in doc["sequential"]
     ]
-    out += [_md_table(["method", "n"] + metric_names("sequential"), rows), ""]
+    out += [_md_table(["method", "n", *map(column_label, names)], rows), ""]
     if figure:
         out += [f"![metrics against the number of sequential edits]({figure})", ""]
     for method, note in doc.get("notes", {}).items():

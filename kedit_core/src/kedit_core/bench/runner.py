@@ -122,21 +122,30 @@ def _method_jobs(
         "overrides": overrides,
     }
     wanted = {
-        "counterfact": JobSpec("counterfact", data=config.counterfact, n=cap(config.counterfact_n), **common),
+        "counterfact": JobSpec(
+            "counterfact", data=config.counterfact, n=cap(config.counterfact_n), generation=config.generation, **common
+        ),
         "zsre": JobSpec(
-            "zsre", data=config.zsre, n=cap(config.zsre_n), start=config.zsre_start, fluency=config.fluency, **common
+            "zsre",
+            data=config.zsre,
+            n=cap(config.zsre_n),
+            start=config.zsre_start,
+            generation=config.generation,
+            **common,
         ),
     }
     if method.supports_batch:
         n = cap(config.speed_n)
         wanted["batch"] = JobSpec("batch", data=config.counterfact, n=n, batch_size=n, **common)
     if method.supports_sequential:
+        data, start = config.sequential_subset()
         wanted["sequential"] = JobSpec(
             "sequential",
-            data=config.zsre,
+            data=data,
             n=cap(config.sequential_n),
-            start=config.zsre_start,
+            start=start,
             sequential=True,
+            generation=config.generation,
             **common,
         )
     sources = (("method", source_hash(type(method).__module__)), ("core", source_hash(__name__)))

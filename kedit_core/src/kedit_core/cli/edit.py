@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .. import progress
-from ..evaluate.metrics import metric_names
+from ..evaluate.metrics import metric_names, protocols
 from .options import echo_json, fmt, model_options, table
 
 
@@ -77,6 +77,11 @@ def _editor(
     help="Where to write the patch [out/<method>-<id>.kedit.safetensors].",
 )
 @click.option("--max-new-tokens", default=12, show_default=True)
+@click.option(
+    "--no-generation",
+    is_flag=True,
+    help="Score the teacher-forced protocol only (no generation-scored metrics, fluency or degeneracy check).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 def edit(
     method,
@@ -95,6 +100,7 @@ def edit(
     checkpoint,
     out,
     max_new_tokens,
+    no_generation,
     as_json,
 ) -> None:
     """Make one edit, print completions and metrics before and after, and write the patch."""
@@ -113,7 +119,7 @@ def edit(
     )
     mark = progress.mark()
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=False)
-    report = _edit_and_compare(editor, request, max_new_tokens, out)
+    report = _edit_and_compare(editor, request, max_new_tokens, out, generation=not no_generation)
     report["time"] = _time_report(mark, report.pop("_edit_itself_s"))
     if as_json:
         echo_json(report)
@@ -121,7 +127,9 @@ def edit(
     _print_edit(report, request)
 
 
-def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str | None) -> dict[str, Any]:
+def _edit_and_compare(
+    editor: Any, request: Any, max_new_tokens: int, out: str | None, generation: bool = True
+) -> dict[str, Any]:
     """Completions before and after one edit, its metrics, and the written patch, as the report."""
     ev = editor.evaluator()
     prompts = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
@@ -129,7 +137,7 @@ def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str |
         before = ev.generate(prompts, max_new_tokens)
     inside = progress.mark()
     with progress.step(f"editing with {editor.method.name} and scoring before and after"):
-        result = editor.edit([request])
+        result = editor.edit([request], generation=generation)
     # one-time steps (key statistics, templates, ...) run inside the edit: the edit itself is the rest
     edit_itself = result.edit_seconds[0] - sum(s.seconds for s in progress.recorded(inside) if s.one_time)
     patch = result.patches[0]
@@ -149,6 +157,8 @@ def _edit_and_compare(editor: Any, request: Any, max_new_tokens: int, out: str |
         ],
         "metrics_pre": result.pre[0],
         "metrics_post": result.post[0],
+        "protocols": {k: v for k, v in protocols().items() if k in result.post[0]},
+        "degenerate": result.degenerate("post")[0][1] if result.degenerate("post") else [],
         "peak_rss_mb": result.peak_rss_mb,
         "_edit_itself_s": max(0.0, edit_itself),
     }
@@ -169,6 +179,14 @@ def _time_report(mark: int, edit_itself: float) -> dict[str, Any]:
     }
 
 
+def metric_table(*columns: dict[str, float], header: list[str]) -> str:
+    """Metrics in display order, one column per dict, with the protocol that produced each."""
+    names = [m for m in metric_names() if m in columns[-1]]
+    short = {k: v.split(":")[0] for k, v in protocols().items()}
+    rows = [[m, *[c.get(m) for c in columns], short.get(m, "")] for m in names]
+    return table(rows, ["metric", *header, "protocol"])
+
+
 def _print_edit(report: dict[str, Any], request: Any) -> None:
     click.echo(f"{report['method']} on {report['model']}: {request.subject!r} -> {request.target_new!r}\n")
     for c in report["completions"]:
@@ -177,8 +195,9 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
         click.echo(f"    after:  {c['after'].strip()!r}")
     click.echo("")
     pre, post = report["metrics_pre"], report["metrics_post"]
-    names = [m for m in metric_names() if m in post]
-    click.echo(table([[m, pre.get(m), post.get(m)] for m in names], ["metric", "before", "after"]))
+    click.echo(metric_table(pre, post, header=["before", "after"]))
+    for flag in report["degenerate"]:
+        click.echo(f"warning: the edited model degenerates: {flag}")
     t = report["time"]
     click.echo(f"\nedit took {t['edit_itself_s']:.2f} s; peak RSS {report['peak_rss_mb']:.0f} MB")
     if t["one_time"]:
@@ -200,7 +219,11 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
 @click.option("--limit", type=int, default=None, help="Use the first N records.")
 @click.option("--batch-size", type=int, default=None, help="Requests per edit (methods that batch).")
 @click.option("--sequential", is_flag=True, help="Keep earlier edits (scored after each edit and at the end).")
-@click.option("--fluency", is_flag=True, help="Also score fluency (greedy generations; slower).")
+@click.option(
+    "--no-generation",
+    is_flag=True,
+    help="Score the teacher-forced protocol only (faster: no greedy decoding, fluency or degeneracy check).",
+)
 @click.option("--hparams", type=click.Path(dir_okay=False), default=None)
 @click.option("--checkpoint", type=click.Path(), default=None, help="Trained editor directory (MEND, SERAC, ...).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
@@ -223,7 +246,7 @@ def evaluate(
     limit,
     batch_size,
     sequential,
-    fluency,
+    no_generation,
     hparams,
     checkpoint,
     json_out,
@@ -243,7 +266,9 @@ def evaluate(
     check_method(method)
     requests = load_requests(data, limit=limit)
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=True)
-    result = editor.edit(requests, sequential=sequential, batch_size=batch_size, fluency=fluency, run_dir=run_dir)
+    result = editor.edit(
+        requests, sequential=sequential, batch_size=batch_size, generation=not no_generation, run_dir=run_dir
+    )
     report = result.to_report()
     report["data"] = str(data)
     if json_out:
@@ -253,14 +278,20 @@ def evaluate(
 
         plot_sequential([(editor.method.name, result)], plot)
     pre, post = report["metrics_pre"], (report.get("metrics_after_each") or report["metrics"])
-    names = [m for m in metric_names() if m in post]
-    header = ["metric", "pre", "post (after each)" if sequential else "post"] + (["final"] if sequential else [])
-    rows = [[m, pre.get(m), post.get(m)] + ([report["metrics"].get(m)] if sequential else []) for m in names]
+    columns = [pre, post] + ([report["metrics"]] if sequential else [])
+    header = ["pre", "post (after each)" if sequential else "post"] + (["final"] if sequential else [])
     click.echo(
         f"{report['method']} on {report['model']}, {report['n']} requests from {data}"
         f"{' (sequential)' if sequential else ''}, batch size {report['batch_size']}"
     )
-    click.echo(table(rows, header))
+    click.echo(metric_table(*columns, header=header))
+    bad = result.degenerate("final" if sequential else "post")
+    if bad:
+        first = ", ".join(f"#{i} ({flags[0]})" for i, flags in bad[:3])
+        click.echo(
+            f"warning: {len(bad)} of {report['n']} requests degenerate after the edit: {first}"
+            + (" ..." if len(bad) > 3 else "")
+        )
     click.echo(
         f"time per edit {fmt(report['time_per_edit_s'])} s; peak RSS {report['peak_rss_mb']:.0f} MB"
         + (f"; peak CUDA {report['peak_cuda_mb']:.0f} MB" if report.get("peak_cuda_mb") else "")

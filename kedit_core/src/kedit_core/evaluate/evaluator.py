@@ -1,5 +1,6 @@
-"""Batched evaluation of edit requests: one padded forward per batch of (prompt, target) pairs,
-logits only at target positions."""
+"""Batched evaluation of edit requests under both protocols: teacher-forced (one padded forward per
+batch of (prompt, target) pairs, logits only at target positions) and generation (greedy continuations
+scored on their answer span, :mod:`.protocol`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from ..errors import KeditError
 from ..ops.logits import logits_at, model_device
 from ..ops.tokens import encode_pairs
 from ..request import EditRequest
-from .metrics import mean, ngram_entropy, token_accuracy
+from . import protocol
+from .generation import greedy_continuations
+from .metrics import mean, token_accuracy
+from .protocol import Generations, Reference
 
 
 @dataclass
@@ -32,21 +36,25 @@ class PairScore:
 
 
 @dataclass
-class Reference:
-    """What the unedited model predicts on a request's locality probes (the locality baseline)."""
-
-    locality_tokens: list[list[int]] = field(default_factory=list)
-
-
-@dataclass
 class Evaluator:
-    """Scores requests on a model. ``fluency`` turns on greedy generation (slower)."""
+    """Scores requests on a model. ``generation`` adds the generation protocol, fluency and the
+    degeneracy check (greedy decoding: slower); ``last_generations`` holds the continuations of the
+    latest :meth:`evaluate` per request, for plugin judges (``register_metrics``) and reports."""
 
     model: nn.Module
     tokenizer: Any
     batch_size: int = 32
-    fluency: bool = False
+    generation: bool = True
+    #: tokens of the fluency continuations (no early stop)
     max_new_tokens: int = 40
+    #: an answer may run this many tokens past the target's length before it is cut
+    answer_slack: int = 8
+    #: a request whose fluency falls more than this many bits below the unedited model's is degenerate
+    fluency_drop: float = 1.0
+    last_generations: list[Generations] = field(default_factory=list)
+
+    def answer_budget(self, target: str) -> int:
+        return len(self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + self.answer_slack
 
     # -- core scoring ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,11 +165,32 @@ class Evaluator:
                         ]
                     )
             out.append(m)
-        if self.fluency:
-            for m, value in zip(out, self.fluency_scores(requests), strict=True):
-                m["fluency"] = value
-        self._plugin_metrics(out, requests, references)
+        if self.generation:
+            own_refs = self._generation_metrics(out, requests, references, own_refs, self_reference)
+        self._plugin_metrics(out, requests, own_refs if self_reference else references)
         return out, own_refs
+
+    def _generation_metrics(
+        self,
+        out: list[dict[str, float]],
+        requests: list[EditRequest],
+        references: list[Reference] | None,
+        own_refs: list[Reference],
+        self_reference: bool,
+    ) -> list[Reference]:
+        """Add the generation-scored metrics to ``out``; returns the references completed with this
+        model's continuations (the unedited model's, when ``self_reference``)."""
+        gens = protocol.generate_all(self, requests)
+        full = [
+            protocol.reference_of(r, g, ref.locality_tokens) for r, g, ref in zip(requests, gens, own_refs, strict=True)
+        ]
+        refs = full if self_reference else references
+        for i, (r, g) in enumerate(zip(requests, gens, strict=True)):
+            ref = refs[i] if refs is not None else None
+            protocol.flag_degenerate(g, ref, self.fluency_drop)
+            out[i].update(protocol.score(r, g, ref))
+        self.last_generations = gens
+        return full
 
     def _plugin_metrics(
         self, out: list[dict[str, float]], requests: list[EditRequest], references: list[Reference] | None
@@ -178,41 +207,11 @@ class Evaluator:
                     m[metric.name] = float(value)
 
     # -- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy continuations (left-padded batches); returns only the generated text."""
-        tok = self.tokenizer
-        device = model_device(self.model)
-        outputs: list[str] = []
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            for start in range(0, len(prompts), self.batch_size):
-                batch = [p.rstrip() for p in prompts[start : start + self.batch_size]]
-                enc = tok(batch, return_tensors="pt", padding=True).to(device)
-                gen = self.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens or self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    top_p=None,
-                    top_k=None,
-                    temperature=None,
-                )
-                new = gen[:, enc["input_ids"].shape[1] :]
-                outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
-        finally:
-            tok.padding_side = side
-        return outputs
-
-    def fluency_scores(self, requests: list[EditRequest]) -> list[float]:
-        prompts, owner = [], []
-        for i, r in enumerate(requests):
-            for p in r.generation_prompts or (r.prompt,):
-                prompts.append(p)
-                owner.append(i)
-        texts = self.generate(prompts)
-        per: list[list[float]] = [[] for _ in requests]
-        for i, p, text in zip(owner, prompts, texts, strict=False):
-            per[i].append(ngram_entropy(p + " " + text))
-        return [mean(v) or 0.0 for v in per]
+        """Greedy continuations (left-padded batches) of ``max_new_tokens`` tokens or up to EOS; returns
+        only the generated text, special tokens left out."""
+        n = max_new_tokens or self.max_new_tokens
+        conts = greedy_continuations(
+            self.model, self.tokenizer, prompts, [n] * len(prompts), stop_at_answer=False, batch_size=self.batch_size
+        )
+        return [c.text for c in conts]

@@ -32,29 +32,59 @@ BUILTIN_METRICS: tuple[Metric, ...] = (
         "easyedit-token-accuracy: teacher-forced argmax accuracy on the tokens of ' '+target_new after the edit prompt",
         ("zsre", "sequential"),
     ),
-    Metric("generalization", "easyedit-token-accuracy on the rephrased prompts", ("zsre", "sequential")),
+    Metric("generalization", "easyedit-token-accuracy: on the rephrased prompts", ("zsre", "sequential")),
     Metric(
         "locality",
         "easyedit-token-agreement: share of teacher-forced argmax tokens on locality probes unchanged by the edit",
         ("zsre", "sequential"),
     ),
-    Metric("portability", "easyedit-token-accuracy on the portability (one-hop) probes' answers", ("zsre",)),
+    Metric("portability", "easyedit-token-accuracy: on the portability (one-hop) probes' answers", ("zsre",)),
     Metric(
         "efficacy_score",
         "counterfact-probability: P(target_new) > P(target_true) on the edit prompt (mean token NLL)",
-        ("counterfact",),
+        ("counterfact", "sequential"),
     ),
     Metric(
         "paraphrase_score",
         "counterfact-probability: P(target_new) > P(target_true) on paraphrase prompts",
-        ("counterfact",),
+        ("counterfact", "sequential"),
     ),
     Metric(
         "neighborhood_score",
         "counterfact-probability: P(target_true) > P(target_new) on neighborhood prompts",
         ("counterfact",),
     ),
-    Metric("fluency", "weighted bi/tri-gram entropy of greedy generations (ROME/EasyEdit n-gram entropy)", ("zsre",)),
+    Metric(
+        "gen_reliability",
+        "generation-exact: greedy answer to the edit prompt (no target in context; up to EOS, a newline, a "
+        "sentence end or the token budget), its leading phrase equal to target_new after normalization; 0 "
+        "when the request is degenerate",
+        ("zsre", "counterfact", "sequential"),
+    ),
+    Metric("gen_reliability_starts", "generation-starts: the greedy answer starts with target_new (word boundary)"),
+    Metric("gen_reliability_contains", "generation-contains: the greedy answer contains target_new (whole words)"),
+    Metric("gen_generalization", "generation-exact: on the rephrased prompts", ("zsre", "counterfact", "sequential")),
+    Metric("gen_generalization_starts", "generation-starts: on the rephrased prompts"),
+    Metric("gen_generalization_contains", "generation-contains: on the rephrased prompts"),
+    Metric(
+        "gen_locality",
+        "generation-unchanged: share of locality probes (CounterFact: neighborhood prompts) whose greedy "
+        "answer span is the unedited model's",
+        ("zsre", "counterfact", "sequential"),
+    ),
+    Metric("gen_portability", "generation-exact: on the portability probes' answers", ("zsre",)),
+    Metric(
+        "degenerate",
+        "generation-degeneracy: 1 when a continuation holds a special token, repeats a word n-gram 3 times in "
+        "a row where the unedited model does not, or fluency drops > 1 bit below the unedited model's",
+        ("zsre", "counterfact", "sequential"),
+    ),
+    Metric(
+        "fluency",
+        "ngram-entropy: weighted bi/tri-gram entropy (ROME/EasyEdit) of 40-token greedy generations from the edit "
+        "prompt and the first generation prompt",
+        ("zsre", "counterfact"),
+    ),
 )
 
 #: which protocol produced each built-in metric (every report names them; see :func:`protocols`)

@@ -2,7 +2,9 @@
 
 For each method, the curve at ``n`` is the mean of the scores taken right after each of the first
 ``n`` edits (``EditResult.post``); the marker at the end is the score of all edits on the final
-model (``EditResult.post_final``) -- the two protocols can differ a lot (ARCHITECTURE.md §5).
+model (``EditResult.post_final``) -- the two protocols can differ a lot (ARCHITECTURE.md §5); a dashed
+grey line is the unedited model's score (``EditResult.pre``). Panels are drawn for the metrics some run
+has (teacher-forced and generation-scored; efficacy and paraphrase scores on CounterFact data).
 matplotlib is imported only when a plot is drawn (Agg backend, no display needed).
 """
 
@@ -12,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METRICS = ("reliability", "generalization", "locality")
+DEFAULT_METRICS = (
+    "reliability",
+    "generalization",
+    "locality",
+    "gen_reliability",
+    "gen_generalization",
+    "gen_locality",
+    "efficacy_score",
+    "paraphrase_score",
+)
 
 
 def _rows(result: Any) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
@@ -22,6 +33,23 @@ def _rows(result: Any) -> tuple[list[dict[str, float]], list[dict[str, float]] |
         final = [r["final"] for r in per if "final" in r]
         return [r.get("post", {}) for r in per], (final if len(final) == len(per) and per else None)
     return list(result.post), (list(result.post_final) if result.post_final is not None else None)
+
+
+def _has(result: Any, name: str) -> bool:
+    post, _ = _rows(result)
+    return any(row.get(name) is not None for row in post)
+
+
+def unedited_scores(result: Any, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, float]:
+    """Per metric, the unedited model's mean score over the run's requests (empty when not scored)."""
+    pre = result.get("per_request", []) if isinstance(result, dict) else []
+    rows = [r.get("pre", {}) for r in pre] if isinstance(result, dict) else list(result.pre)
+    out = {}
+    for name in metrics:
+        values = [float(r[name]) for r in rows if r.get(name) is not None]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 def running_curves(result: Any, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, list[float | None]]:
@@ -62,8 +90,17 @@ def plot_sequential(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], metrics, strict=True):
+    metrics = [m for m in metrics if any(_has(result, m) for _, result in results)] or list(metrics[:1])
+    cols = min(4, len(metrics)) or 1
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, metrics, strict=False):
+        baseline = [unedited_scores(r, [name]).get(name) for _, r in results]
+        baseline = [b for b in baseline if b is not None]
+        if baseline:
+            ax.axhline(baseline[0], color="grey", linestyle="--", linewidth=1, label=f"unedited: {baseline[0]:.3f}")
         for k, (label, result) in enumerate(results):
             curve = running_curves(result, [name])[name]
             xs = [i + 1 for i, v in enumerate(curve) if v is not None]
