@@ -89,6 +89,7 @@ def test_continuations_stop_at_budget_and_keep_special_tokens():
     finally:
         handle.remove()
     assert a.text == b.text == "" and a.specials == [bos] * 3 and b.specials == [bos] * 5
+    assert a.shown.count("<bos>") == 3  # what kedit edit prints: the special tokens shown
 
 
 def test_continuations_stop_at_eos():

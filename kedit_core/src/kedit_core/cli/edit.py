@@ -134,7 +134,7 @@ def _edit_and_compare(
     ev = editor.evaluator()
     prompts = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
     with progress.step("generating with the unedited model"):
-        before = ev.generate(prompts, max_new_tokens)
+        before = ev.generate(prompts, max_new_tokens, show_special=True)
     inside = progress.mark()
     with progress.step(f"editing with {editor.method.name} and scoring before and after"):
         result = editor.edit([request], generation=generation)
@@ -142,7 +142,7 @@ def _edit_and_compare(
     edit_itself = result.edit_seconds[0] - sum(s.seconds for s in progress.recorded(inside) if s.one_time)
     patch = result.patches[0]
     with progress.step("generating with the edited model"), patch.applied(editor.model, tokenizer=editor.tokenizer):
-        after = ev.generate(prompts, max_new_tokens)
+        after = ev.generate(prompts, max_new_tokens, show_special=True)
     path = Path(out) if out else Path("out") / f"{patch.method}-{patch.patch_id}.kedit.safetensors"
     patch.save(path)
     return {

@@ -207,11 +207,11 @@ class Evaluator:
                     m[metric.name] = float(value)
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, show_special: bool = False) -> list[str]:
         """Greedy continuations (left-padded batches) of ``max_new_tokens`` tokens or up to EOS; returns
-        only the generated text, special tokens left out."""
+        only the generated text, special tokens left out (``show_special``: shown)."""
         n = max_new_tokens or self.max_new_tokens
         conts = greedy_continuations(
             self.model, self.tokenizer, prompts, [n] * len(prompts), stop_at_answer=False, batch_size=self.batch_size
         )
-        return [c.text for c in conts]
+        return [c.shown if show_special else c.text for c in conts]

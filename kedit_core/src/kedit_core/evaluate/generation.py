@@ -17,10 +17,12 @@ from .answers import sentence_end
 
 @dataclass
 class Continuation:
-    """A greedy continuation: its text (special tokens left out) and the special/control token ids in it."""
+    """A greedy continuation: its text (special tokens left out), the special/control token ids in it, and
+    its text with them shown."""
 
     text: str
     specials: list[int] = field(default_factory=list)
+    shown: str = ""
 
 
 def special_ids(tokenizer: Any) -> set[int]:
@@ -125,5 +127,6 @@ def _decode_rows(
         if eos in ids:
             ids = ids[: ids.index(eos)]
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        rows.append(Continuation(text, [t for t in ids if t in specials]))
+        found = [t for t in ids if t in specials]
+        rows.append(Continuation(text, found, tokenizer.decode(ids, skip_special_tokens=False) if found else text))
     return rows
