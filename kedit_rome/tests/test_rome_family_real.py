@@ -1,4 +1,4 @@
-"""ROME and MEMIT on the real Gemma 3 270M, a handful of CounterFact records (CI, ~3 minutes).
+"""ROME, MEMIT and AlphaEdit on the real Gemma 3 270M, a handful of CounterFact records (CI, ~4 minutes).
 
 The second moment is estimated from a small sample of the shipped corpus (fast, with damping);
 the full-size statistics are exercised by ``benchmarks/``.
@@ -77,3 +77,20 @@ def test_memit_batch_edits_real_facts(gemma, cache, records):
     # the post-MLP-norm trap: updates stay small against the weights they change
     for p, d in deltas.items():
         assert d.norm() < weights[p].norm()
+
+
+def test_alphaedit_batch_edits_real_facts_inside_the_null_space(gemma, cache, records):
+    from kedit_core.method import EditContext
+    from kedit_rome.ops.null_space import NullSpaceRule
+
+    editor = _editor("alphaedit", gemma, cache)
+    result = editor.edit(records, batch_size=len(records))
+    assert result.to_report()["metrics"]["efficacy_score"] >= 2 / 3
+    hp, arch, patch = editor.hparams, editor.arch, result.patches[0]
+    (layer,) = hp.layers
+    assert patch.state_groups()[arch.layer_path(layer, arch.mlp_out)]["edit_keys"].shape[0] == len(records)
+    rule = NullSpaceRule(hp.nullspace_threshold, hp.nullspace_threshold_relative)
+    ctx = EditContext(model_fingerprint=gemma[2].fingerprint, cache_dir=cache)  # the editor's statistics
+    p = editor.method.statistics.null_spaces_of(gemma[0], gemma[1], arch, [layer], hp, ctx, rule)[layer]
+    delta = arch.to_param_layout(patch.deltas()[arch.mlp_out_param(layer)].double())
+    assert (delta - delta @ p).norm() < 1e-5 * delta.norm()  # nothing in the preserved subspace

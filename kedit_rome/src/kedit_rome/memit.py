@@ -9,8 +9,11 @@
 2. for each critical layer ``l`` in order: keys ``K_l`` (template-averaged down-projection inputs),
    the missing residual ``(z - h_L)`` re-measured with the updates so far, its equal share for this
    layer (mapped through the MLP-output norm where the architecture has one, :mod:`kedit_rome.spread`),
-   and the batched least-squares update ``Delta_l = R_l K_l^T (lambda C_l + K_l K_l^T)^-1`` (Eq. 14),
-   applied before the next layer is visited.
+   and the batched least-squares update ``Delta_l = R_l K_l^T (lambda C_l + K_l K_l^T)^-1`` (Eq. 14,
+   :meth:`MEMIT.layer_solver`), applied before the next layer is visited.
+
+Steps 1-2 run in :class:`kedit_rome.spread_edit.SpreadMethod` (shared with PMET and AlphaEdit); MEMIT supplies
+the solve of step 2.
 
 All updates are taken off the model again before returning (the core applies the patch).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import Field
 
 from kedit_core.architecture import ArchitectureSpec
@@ -54,7 +58,7 @@ class MEMIT(SpreadMethod):
         """MEMIT Eq. 14 with each layer's second moment ``C``."""
         stats = self.statistics.second_moment(model, tokenizer, arch, layers, hparams, ctx)
 
-        def solve(layer: int, keys: Any, residuals: Any) -> Any:
+        def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return batched_least_squares(stats[layer], keys, residuals, hparams.mom2_update_weight)
 
         return solve

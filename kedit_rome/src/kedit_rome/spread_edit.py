@@ -14,6 +14,7 @@ attention output jointly and discards it; AlphaEdit solves the null-space projec
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -55,11 +56,11 @@ class SpreadMethod(EditMethod):
     def __init__(self) -> None:
         self.statistics = Statistics()
 
+    @abstractmethod
     def layer_solver(
         self, model: Any, tokenizer: Any, arch: ArchitectureSpec, layers: list[int], hparams: Any, ctx: EditContext
     ) -> LayerSolve:
         """The update rule of the critical ``layers`` (called once per edit, before the values are optimized)."""
-        raise NotImplementedError
 
     def attn_clamp(self, hparams: Any) -> float | None:
         """Norm clamp of a vector at the attention output (PMET), or None to optimize the FFN output alone."""
