@@ -2,7 +2,7 @@
 
 import torch
 
-from kedit_grace.codebook import Growable, TailCache, route
+from kedit_grace.codebook import Carry, Growable, TailCache, route, route_positions
 from kedit_grace.grace.codebook_update import update_codebook
 
 
@@ -27,6 +27,27 @@ def test_route_cosine_ignores_scale_and_empty_codebook_defers():
     keys = torch.tensor([[1.0, 0.0]])
     assert route(torch.tensor([[50.0, 1.0]]), keys, torch.tensor([0.1]), "cosine").tolist() == [0]
     assert route(torch.ones(1, 3, 2), torch.zeros(0, 2), torch.zeros(0), "euclidean").tolist() == [[-1, -1, -1]]
+
+
+def test_route_spans_end_an_entry_after_its_answer():
+    keys = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    radii = torch.tensor([1.0, 1.0])
+    far = [5.0, 5.0]
+    queries = torch.tensor([[far, [0.5, 0.0], far, far, far, [9.5, 0.0], far, [0.0, 0.0]]])
+    spans = torch.tensor([3, 1])
+    routing = route_positions(queries, keys, radii, "euclidean", spans=spans)
+    assert routing.active.tolist() == [[-1, 0, 0, 0, -1, 1, -1, 0]]
+    assert routing.left.tolist() == [[0, 2, 1, 0, 0, 0, 0, 2]]
+    # cached decoding: a forward of one position continues the previous one's entry while it lasts
+    carry = Carry(torch.tensor([0]), torch.tensor([2]))
+    step = torch.tensor([[far]])
+    assert route(step, keys, radii, "euclidean", carry=carry, spans=spans).tolist() == [[0]]
+    rest = torch.tensor([[far, far, far]])
+    assert route(rest, keys, radii, "euclidean", carry=carry, spans=spans).tolist() == [[0, 0, -1]]
+    # without spans (MELO) the carried entry holds
+    assert route(rest, keys, radii, "euclidean", carry=Carry(torch.tensor([1]), torch.tensor([2**62]))).tolist() == [
+        [1, 1, 1]
+    ]
 
 
 def test_update_codebook_add_expand_split_replace():

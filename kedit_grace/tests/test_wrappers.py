@@ -26,7 +26,7 @@ def capture(module):
     return seen, module.register_forward_hook(hook)
 
 
-def test_grace_codebook_answers_from_the_hit_on_and_defers_elsewhere():
+def test_grace_codebook_answers_its_span_from_the_hit_and_defers_elsewhere():
     model, tok = tiny_model("llama")
     arch = resolve_architecture(model)
     path = arch.layer_path(2, arch.mlp_out)
@@ -34,17 +34,21 @@ def test_grace_codebook_answers_from_the_hit_on_and_defers_elsewhere():
     ids, _, lens = encode_prompts(tok, [PROMPT])
     key = last_token_input(model, tok, layer, PROMPT)[None]
     value = torch.full((1, layer.weight.shape[0]), 3.0)
-    adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean")
+    span = 2
+    adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean", spans=torch.tensor([span]))
     uninstall = install(model, {path: adaptor})
     try:
         seen, handle = capture(adaptor)
-        enc = encode_pairs(tok, [PROMPT], [TARGET])
+        enc = encode_pairs(tok, [PROMPT], [TARGET + " and then some more words"])
         with torch.no_grad():
             model(input_ids=enc.input_ids)
         base_out = layer(seen["in"])
         last = lens[0] - 1
+        assert seen["out"].shape[1] > last + span + 2
         assert torch.equal(seen["out"][0, :last], base_out[0, :last])  # before the hit: the layer
-        assert torch.equal(seen["out"][0, last:], value.expand_as(seen["out"][0, last:]))  # prompt end + answer
+        hit = seen["out"][0, last : last + span]
+        assert torch.equal(hit, value.expand_as(hit))  # prompt end + the answer's positions
+        assert torch.equal(seen["out"][0, last + span :], base_out[0, last + span :])  # after it: the layer
         far_ids, _, _ = encode_prompts(tok, [FAR])
         with torch.no_grad():
             model(input_ids=far_ids)
@@ -115,7 +119,7 @@ def test_wrapper_keeps_parameter_paths_and_follows_device_moves():
         uninstall()
 
 
-def test_grace_hit_keeps_answering_during_cached_generation():
+def test_grace_hit_answers_its_span_during_cached_generation_then_defers():
     from kedit_grace.codebook import DecodingState
 
     model, tok = tiny_model("llama")
@@ -125,15 +129,15 @@ def test_grace_hit_keeps_answering_during_cached_generation():
     ids, mask, lens = encode_prompts(tok, [PROMPT])
     key = last_token_input(model, tok, layer, PROMPT)[None]
     value = torch.full((1, layer.weight.shape[0]), 3.0)
-    adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean")
+    adaptor = GraceAdaptor(layer, key, value, torch.tensor([0.01]), [TARGET], "euclidean", spans=torch.tensor([2]))
     adaptor.decoding = DecodingState().attach(model)
     uninstall = install(model, {path: adaptor})
     outputs = []
-    handle = adaptor.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
+    handle = adaptor.register_forward_hook(lambda m, a, o: outputs.append((a[0].detach(), o.detach())))
     try:
         with torch.no_grad():
             model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
+                input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id
             )
         far_ids, far_mask, _ = encode_prompts(tok, [FAR])
         with torch.no_grad():
@@ -148,7 +152,8 @@ def test_grace_hit_keeps_answering_during_cached_generation():
         handle.remove()
         uninstall()
         adaptor.decoding.detach()
-    first, *steps = outputs[:3]
+    (_, first), *steps = outputs[:5]
     assert torch.equal(first[0, -1], value[0]) and first.shape[1] == lens[0]
-    assert all(s.shape[1] == 1 and torch.equal(s[0, 0], value[0]) for s in steps)
-    assert not any(torch.equal(o[0, -1], value[0]) for o in outputs[3:])  # a new prompt starts fresh
+    assert steps[0][1].shape[1] == 1 and torch.equal(steps[0][1][0, 0], value[0])  # the answer's 2nd token
+    assert all(torch.equal(o[0, 0], layer(x)[0, 0]) for x, o in steps[1:])  # then the layer again
+    assert not any(torch.equal(o[0, -1], value[0]) for _, o in outputs[5:])  # a new prompt starts fresh

@@ -5,23 +5,46 @@ For a query ``h_t`` (the wrapped layer's input at position ``t``) and keys ``K``
 
     i*(t) = argmin_i d(h_t, K_i),     hit(t) = d(h_t, K_{i*}) <= eps_{i*}          (GRACE, Eq. 2)
 
-A hit at the last token of an edited prompt selects the entry that answers it; GRACE applies the
-selected value to that position and to every later position of the sequence (the answer's tokens,
-whether generated or teacher-forced), until another position hits another entry. So
+A hit at the last token of an edited prompt selects the entry that answers it. The entry then
+stays active for ``span`` positions, the hit included, until another position hits another entry:
 
-    active(t) = i*(s),  s = the last position <= t with hit(s);   -1 (defer to the layer) if none.
+    s(t) = the last position <= t with hit(s)
+    active(t) = i*(s)   if t - s < span_{i*(s)};     -1 (defer to the layer) otherwise.
 
-Positions before the first hit -- and every position of a sequence that hits nothing -- run the
-original layer unchanged.
+GRACE gives each entry the length of its answer (the tokens of ``" " + label``): the positions that
+predict the answer's tokens, teacher-forced or generated one at a time from the KV cache, get the
+entry's value, and the text after the answer runs the layer unchanged -- the edit answers the edited
+input, it does not force its target on every later token. MELO passes no spans: a hit holds for the
+rest of the sequence. Positions before the first hit, and every position of a sequence that hits
+nothing, run the original layer.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 Metric = Literal["euclidean", "cosine"]
+
+#: the span of an entry that holds for the rest of the sequence
+UNBOUNDED = 2**62
+
+
+class Routing(NamedTuple):
+    """``active`` (``[B, T]``, ``-1``: defer) and ``left`` (``[B, T]``): how many positions after ``t``
+    the active entry still covers (0 where none is active)."""
+
+    active: torch.Tensor
+    left: torch.Tensor
+
+
+class Carry(NamedTuple):
+    """The routing at the end of the previous forward of the same sequences (cached decoding):
+    ``entry`` (``[B]``, ``-1``: none) still covers the next ``left`` (``[B]``) positions."""
+
+    entry: torch.Tensor
+    left: torch.Tensor
 
 
 def distances(queries: torch.Tensor, keys: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -40,53 +63,81 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, metric: Metric) -> tuple[
     return d.min(dim=1)
 
 
-def route(
+def route_positions(
     queries: torch.Tensor,
     keys: torch.Tensor,
     radii: torch.Tensor,
     metric: Metric,
     mask: torch.Tensor | None = None,
-    carry: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[B, T]`` index of the active entry at each position (``-1``: defer to the layer).
+    carry: Carry | None = None,
+    spans: torch.Tensor | None = None,
+) -> Routing:
+    """The active entry at each position and how long it stays active (see the module docstring).
 
-    ``queries`` is ``[B, T, D]`` (or ``[T, D]``); ``mask`` (``[B, T]``, 1 = real token) keeps
-    padding from hitting an entry; ``carry`` (``[B]``) is the entry active at the end of the
-    previous forward when this one continues the same sequences (cached decoding).
+    ``queries`` is ``[B, T, D]`` (or ``[T, D]``, giving ``[T]`` results); ``mask`` (``[B, T]``, 1 =
+    real token) keeps padding from hitting an entry; ``carry`` continues the previous forward of
+    the same sequences; ``spans`` (``[K]``) is how many positions each entry answers, hit included
+    (``None``: the rest of the sequence).
     """
     squeeze = queries.ndim == 2
     if squeeze:
         queries = queries.unsqueeze(0)
     b, t, dim = queries.shape
     device = queries.device
-    before = torch.full((b, 1), -1, dtype=torch.long, device=device)
-    if carry is not None and carry.shape[0] == b:
-        before = carry.to(device).long().view(b, 1)
-    if keys.shape[0] == 0:
-        active = before.expand(b, t).clone()
-        return active[0] if squeeze else active
-    dist, idx = nearest(queries.reshape(b * t, dim).detach(), keys, metric)
-    hit = (dist <= radii.to(device).float()[idx]).view(b, t)
-    idx = idx.view(b, t)
-    if mask is not None and mask.shape == hit.shape:
-        hit = hit & mask.to(device).bool()
     positions = torch.arange(t, device=device).expand(b, t)
-    last_hit = torch.where(hit, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-    active = torch.where(last_hit >= 0, idx.gather(1, last_hit.clamp(min=0)), before.expand(b, t))
-    return active[0] if squeeze else active
+    if carry is not None and carry.entry.shape[0] == b:
+        c_entry = carry.entry.to(device).long().view(b, 1)
+        c_left = carry.left.to(device).long().view(b, 1)
+    else:
+        c_entry = torch.full((b, 1), -1, dtype=torch.long, device=device)
+        c_left = torch.zeros((b, 1), dtype=torch.long, device=device)
+    # what the previous forward still covers: its entry, for its remaining positions
+    left = c_left - 1 - positions
+    active = torch.where((left >= 0) & (c_entry >= 0), c_entry.expand(b, t), torch.full_like(positions, -1))
+    if keys.shape[0] > 0:
+        dist, idx = nearest(queries.reshape(b * t, dim).detach(), keys, metric)
+        hit = (dist <= radii.to(device).float()[idx]).view(b, t)
+        idx = idx.view(b, t)
+        if mask is not None and mask.shape == hit.shape:
+            hit = hit & mask.to(device).bool()
+        last_hit = torch.where(hit, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+        entry = idx.gather(1, last_hit.clamp(min=0))
+        span = torch.full_like(entry, UNBOUNDED) if spans is None else spans.to(device).long()[entry]
+        hit_left = span - 1 - (positions - last_hit)
+        after_hit = last_hit >= 0
+        left = torch.where(after_hit, hit_left, left)
+        active = torch.where(after_hit, torch.where(hit_left >= 0, entry, -1), active)
+    left = torch.where(active >= 0, left, torch.zeros_like(left))
+    if squeeze:
+        return Routing(active[0], left[0])
+    return Routing(active, left)
+
+
+def route(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    radii: torch.Tensor,
+    metric: Metric,
+    mask: torch.Tensor | None = None,
+    carry: Carry | None = None,
+    spans: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, T]`` (or ``[T]``) index of the active entry at each position (``-1``: defer to the layer)."""
+    return route_positions(queries, keys, radii, metric, mask, carry, spans).active
 
 
 class DecodingState:
-    """Carries each sequence's active entry from one forward to the next while a model generates
-    from its key-value cache: the entry hit at the prompt's last token keeps answering for the
-    tokens generated one call at a time (the teacher-forced forward gets the same by :func:`route`).
+    """Carries each sequence's routing from one forward to the next while a model generates from its
+    key-value cache: an entry hit at the prompt's last token keeps answering for the rest of its
+    span when the following tokens arrive one call at a time (the teacher-forced forward gets the
+    same from :func:`route_positions`).
 
     A pre-hook on the model's decoder stack tells a continuing call (non-empty cache) from a new one.
     """
 
     def __init__(self) -> None:
         self.continuing = False
-        self.last: torch.Tensor | None = None
+        self.last: Carry | None = None
         self._handle = None
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -103,13 +154,16 @@ class DecodingState:
             self._handle.remove()
             self._handle = None
 
-    def carry(self, batch: int) -> torch.Tensor | None:
-        if self.continuing and self.last is not None and self.last.shape[0] == batch:
+    def carry(self, batch: int) -> Carry | None:
+        if self.continuing and self.last is not None and self.last.entry.shape[0] == batch:
             return self.last
         return None
 
-    def update(self, active: torch.Tensor) -> None:
-        self.last = (active if active.ndim == 2 else active.unsqueeze(0))[:, -1].detach()
+    def update(self, routing: Routing) -> None:
+        active, left = routing
+        if active.ndim == 1:
+            active, left = active.unsqueeze(0), left.unsqueeze(0)
+        self.last = Carry(active[:, -1].detach(), left[:, -1].detach())
 
 
 class Growable:

@@ -2,7 +2,9 @@
 
 One edit = one codebook update (:mod:`.codebook_update`) plus the optimization of one value
 (:func:`kedit_grace.fit.fit_targets`). The patch carries the whole codebook, so the last patch of a
-sequential run reproduces every edit on an unedited model.
+sequential run reproduces every edit on an unedited model. Each entry also records its span, the
+number of tokens of its answer (:func:`answer_span`): a hit replaces the layer's output at the
+positions that predict the answer and nowhere after them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kedit_core.errors import KeditError, PatchError
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
+from kedit_core.ops.tokens import split_prompt_target
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 
@@ -82,6 +85,7 @@ class GRACE(EditMethod):
         existing = current if isinstance(current, GraceAdaptor) else None
         keys, values, radii, labels = self._current_codebook(model, arch, param, existing)
         prompts = [list(p) for p in existing.prompts] if existing is not None else []
+        spans = existing.spans.tolist() if existing is not None else []
         device = model_device(model)
         key = last_token_input(model, tokenizer, current, request.prompt)
         upd = update_codebook(keys, radii, labels, key, request.target_new, hparams.eps_init, hparams.metric)
@@ -90,6 +94,9 @@ class GRACE(EditMethod):
             prompts.append([request.prompt])
         else:  # expand: the entry now answers its earlier prompts and this one; replace: this one only
             prompts[upd.row] = [*prompts[upd.row], request.prompt] if upd.action == "expand" else [request.prompt]
+        span = answer_span(tokenizer, prompts[upd.row], request.target_new)
+        spans = [*spans, span] if upd.row == len(spans) else [*spans[: upd.row], span, *spans[upd.row + 1 :]]
+        spans_t = torch.tensor(spans, dtype=torch.long, device=device)
         base = existing.base if existing is not None else current
         if upd.row < values.shape[0]:
             start = values[upd.row].clone()
@@ -110,6 +117,7 @@ class GRACE(EditMethod):
             values,
             upd.radii.to(device),
             upd.labels,
+            spans_t,
             upd.row,
             start,
         )
@@ -126,6 +134,7 @@ class GRACE(EditMethod):
             extra={
                 "labels": upd.labels,
                 "prompts": prompts,
+                "spans": spans,
                 "metric": hparams.metric,
                 "supersedes": existing.state_id if existing is not None else "",
                 "action": upd.action,
@@ -163,6 +172,7 @@ class GRACE(EditMethod):
         values,
         radii,
         labels,
+        spans,
         row,
         start,
     ):
@@ -170,7 +180,7 @@ class GRACE(EditMethod):
         prompt the entry answers gets ``label``."""
         table = values if row < values.shape[0] else torch.cat([values, start[None]])
         value = start.detach().clone().requires_grad_(True)
-        adaptor = GraceAdaptor(base, keys, table, radii, labels, hparams.metric)
+        adaptor = GraceAdaptor(base, keys, table, radii, labels, hparams.metric, spans=spans)
         adaptor.trainable = (row, value)
         replace_module(model, path, adaptor)
         try:
@@ -211,6 +221,13 @@ class GRACE(EditMethod):
             raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs {n} labels and a metric")
         if not isinstance(prompts, list) or len(prompts) != n:
             raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs the prompts of {n} entries")
+        spans = extra.get("spans")
+        if spans is None:  # patches written before entries recorded their answer's length
+            if target.tokenizer is None:
+                raise PatchError(f"grace patch {patch.patch_id} has no answer spans; applying it needs the tokenizer")
+            spans = [answer_span(target.tokenizer, p, label) for p, label in zip(prompts, labels, strict=True)]
+        if not isinstance(spans, list) or len(spans) != n or not all(type(s) is int and s >= 1 for s in spans):
+            raise PatchError(f"grace patch {patch.patch_id}: extra metadata needs {n} positive answer spans")
         current = get_module(model, path)
         params = list(meta["fingerprints"])
         if len(params) != 1:
@@ -234,6 +251,7 @@ class GRACE(EditMethod):
             labels,
             metric,
             state_id=patch.patch_id,
+            spans=torch.tensor(spans, dtype=torch.long, device=device),
         )
         adaptor.prompts = prompts
         uninstall = install(model, {path: adaptor})
@@ -244,6 +262,14 @@ class GRACE(EditMethod):
             adaptor.decoding.detach()
 
         return detach
+
+
+def answer_span(tokenizer: Any, prompts: list[str], label: str) -> int:
+    """How many positions an entry answers: the tokens of ``" " + label`` after its prompts (the most
+    over the prompts, which may split the answer differently), at least one."""
+    if not prompts:
+        return max(1, len(tokenizer(" " + label.strip(), add_special_tokens=False)["input_ids"]))
+    return max(1, *(len(split_prompt_target(tokenizer, p, label)[1]) for p in prompts))
 
 
 def codebook_summary(model, path: str) -> dict[str, Any]:

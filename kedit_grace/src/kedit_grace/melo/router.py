@@ -20,7 +20,7 @@ from torch import nn
 
 from kedit_core.ops.hooks import module_input
 
-from ..codebook import DecodingState, Metric, route
+from ..codebook import DecodingState, Metric, route_positions
 
 
 class MeloRouter:
@@ -44,9 +44,10 @@ class MeloRouter:
     def compute(self, hidden: torch.Tensor) -> torch.Tensor:
         batch = hidden.shape[0] if hidden.ndim == 3 else 1
         carry = self.decoding.carry(batch) if self.decoding is not None else None
-        entries = route(hidden, self.keys, self.radii, self.metric, carry=carry)
+        routing = route_positions(hidden, self.keys, self.radii, self.metric, carry=carry)
         if self.decoding is not None:
-            self.decoding.update(entries)
+            self.decoding.update(routing)
+        entries = routing.active
         blocks = self.blocks.to(entries.device)
         return torch.where(entries >= 0, blocks[entries.clamp(min=0)], torch.full_like(entries, -1))
 
