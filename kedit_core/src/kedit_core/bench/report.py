@@ -187,26 +187,26 @@ def _add_rows(
 
 
 # -- rendering ------------------------------------------------------------------------------------
-#: short column names: TF = teacher-forced (EasyEdit token accuracy), gen = generation protocol
+#: short column names: TF = teacher-forced (EasyEdit token accuracy), GEN = generation protocol
 COLUMN_LABELS = {
     "reliability": "rel. TF",
-    "generalization": "gen. TF",
+    "generalization": "general. TF",
     "locality": "loc. TF",
     "portability": "port. TF",
     "efficacy_score": "ES",
     "paraphrase_score": "PS",
     "neighborhood_score": "NS",
-    "gen_reliability": "rel. gen",
-    "gen_generalization": "gen. gen",
-    "gen_locality": "loc. gen",
-    "gen_portability": "port. gen",
+    "gen_reliability": "rel. GEN",
+    "gen_generalization": "general. GEN",
+    "gen_locality": "loc. GEN",
+    "gen_portability": "port. GEN",
     "degenerate": "degenerate",
     "fluency": "fluency",
 }
 
 PROTOCOL_LEGEND = (
     "*TF*: teacher-forced token accuracy (EasyEdit's protocol; locality: share of the unedited model's argmax "
-    "tokens kept). *gen*: generation protocol -- greedy decoding from the prompt alone, the answer's leading "
+    "tokens kept). *GEN*: generation protocol -- greedy decoding from the prompt alone, the answer's leading "
     "phrase equal to the target after normalization, a degenerate request counted as a failure; locality: the "
     "unedited model's greedy answer unchanged. *degenerate*: share of requests whose continuations hold a "
     "special token, a loop the unedited model does not make, or a fluency drop of more than 1 bit. *fluency*: "
