@@ -44,7 +44,7 @@ def test_route_spans_end_an_entry_after_its_answer():
     assert route(step, keys, radii, "euclidean", carry=carry, spans=spans).tolist() == [[0]]
     rest = torch.tensor([[far, far, far]])
     assert route(rest, keys, radii, "euclidean", carry=carry, spans=spans).tolist() == [[0, 0, -1]]
-    # without spans (MELO) the carried entry holds
+    # without spans the carried entry holds
     assert route(rest, keys, radii, "euclidean", carry=Carry(torch.tensor([1]), torch.tensor([2**62]))).tolist() == [
         [1, 1, 1]
     ]

@@ -11,10 +11,11 @@ stays active for ``span`` positions, the hit included, until another position hi
     s(t) = the last position <= t with hit(s)
     active(t) = i*(s)   if t - s < span_{i*(s)};     -1 (defer to the layer) otherwise.
 
-GRACE gives each entry the length of its answer (the tokens of ``" " + label``): the positions that
-predict the answer's tokens, teacher-forced or generated one at a time from the KV cache, get the
-entry's value, and the text after the answer runs the layer unchanged -- the edit answers the edited
-input, it does not force its target on every later token. MELO passes no spans: a hit holds for the
+GRACE and MELO give each entry the length of its answer (the tokens of ``" " + label``,
+:func:`kedit_grace.keys.answer_span`): the positions that predict the answer's tokens,
+teacher-forced or generated one at a time from the KV cache, get the entry's value (GRACE) or its
+LoRA block (MELO), and the text after the answer runs the layer unchanged -- the edit answers the
+edited input, it does not force its target on every later token. Without spans a hit holds for the
 rest of the sequence. Positions before the first hit, and every position of a sequence that hits
 nothing, run the original layer.
 """

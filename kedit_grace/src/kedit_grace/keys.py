@@ -4,6 +4,9 @@ GRACE keys its codebook on the wrapped layer's input (Hartvigsen et al. 2023, Se
 its index on the input of the router layer's attention (Yu et al. 2024, Sec. 3.2). Either way the
 forward ends at that module (:func:`kedit_core.ops.hooks.stop_before`): the module itself -- possibly
 an installed wrapper -- and everything above it never run.
+
+Both route a hit on a key to the positions that predict the edit's answer: the hit and the next
+``answer_span - 1`` positions (:func:`kedit_grace.codebook.route_positions`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from kedit_core.ops.hooks import stop_before
 from kedit_core.ops.logits import final_hidden, model_device
-from kedit_core.ops.tokens import encode_prompts
+from kedit_core.ops.tokens import encode_prompts, split_prompt_target
 
 
 @torch.no_grad()
@@ -28,3 +31,11 @@ def last_token_input(model: nn.Module, tokenizer: Any, module: nn.Module, prompt
     if x.ndim == 2:
         x = x.unsqueeze(0)
     return x[0, lens[0] - 1].float().clone()
+
+
+def answer_span(tokenizer: Any, prompts: list[str], label: str) -> int:
+    """How many positions an edit answers: the tokens of ``" " + label`` after its prompts (the most
+    over the prompts, which may split the answer differently), at least one."""
+    if not prompts:
+        return max(1, len(tokenizer(" " + label.strip(), add_special_tokens=False)["input_ids"]))
+    return max(1, *(len(split_prompt_target(tokenizer, p, label)[1]) for p in prompts))

@@ -21,13 +21,12 @@ from kedit_core.errors import KeditError, PatchError
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
 from kedit_core.ops.logits import model_device
-from kedit_core.ops.tokens import split_prompt_target
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
 
 from ..codebook import DecodingState, TailCache
 from ..fit import fit_targets
-from ..keys import last_token_input
+from ..keys import answer_span, last_token_input
 from ..wrapping import install, replace_module, unwrap_base
 from .adaptor import GraceAdaptor
 from .codebook_update import update_codebook
@@ -262,14 +261,6 @@ class GRACE(EditMethod):
             adaptor.decoding.detach()
 
         return detach
-
-
-def answer_span(tokenizer: Any, prompts: list[str], label: str) -> int:
-    """How many positions an entry answers: the tokens of ``" " + label`` after its prompts (the most
-    over the prompts, which may split the answer differently), at least one."""
-    if not prompts:
-        return max(1, len(tokenizer(" " + label.strip(), add_special_tokens=False)["input_ids"]))
-    return max(1, *(len(split_prompt_target(tokenizer, p, label)[1]) for p in prompts))
 
 
 def codebook_summary(model, path: str) -> dict[str, Any]:

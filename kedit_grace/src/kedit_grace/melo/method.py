@@ -2,13 +2,15 @@
 
 Each edit adds a key to the index (:mod:`.router`) and trains one LoRA block (:mod:`.lora`) --
 a fresh one, or the block of a nearby cluster of edits (:mod:`.allocate`). The patch carries the
-whole index and every block, so the last patch of a sequential run reproduces all edits.
+whole index and every block, so the last patch of a sequential run reproduces all edits. Each key
+also records its edit's answer span (patch extra ``spans``): a hit routes the positions that
+predict the answer to the block, and nothing after them (issue 16).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -24,7 +26,7 @@ from kedit_core.request import EditRequest
 
 from ..codebook import TailCache
 from ..fit import fit_targets
-from ..keys import last_token_input
+from ..keys import answer_span, last_token_input
 from ..wrapping import install, replace_module, unwrap_base
 from .allocate import allocate_block
 from .lora import MeloLoRA
@@ -97,6 +99,7 @@ class MELO(EditMethod):
         currents = {p: get_module(model, p) for p in paths}
         existing = self._existing(currents)
         keys, radii, blocks, members, tables = self._current_state(model, arch, paths, existing, hparams.rank)
+        spans = existing_spans(existing, tokenizer, members)
         device = model_device(model)
         key = last_token_input(model, tokenizer, get_module(model, router_path), request.prompt)
         alloc = allocate_block(keys, blocks, key, hparams.cluster_radius, hparams.max_cluster, hparams.metric)
@@ -107,9 +110,16 @@ class MELO(EditMethod):
         new_keys = self._tails.grow(keys).append(key[None])
         new_radii = torch.cat([radii, radii.new_tensor([hparams.radius])])
         new_members = [*members, [request.prompt, request.target_new]]
+        new_spans = [*spans, answer_span(tokenizer, [request.prompt], request.target_new)]
         start = self._start_block(tables, paths, alloc.start_block, hparams, new_block)
         train = [new_members[j] for j in alloc.cluster] + [new_members[-1]]
-        router = MeloRouter(new_keys, new_radii.to(device), new_blocks.to(device), hparams.metric)
+        router = MeloRouter(
+            new_keys,
+            new_radii.to(device),
+            new_blocks.to(device),
+            hparams.metric,
+            spans=torch.tensor(new_spans, dtype=torch.long, device=device),
+        )
         fit = self._train_block(
             model,
             tokenizer,
@@ -148,6 +158,7 @@ class MELO(EditMethod):
                 "metric": hparams.metric,
                 "scale": hparams.scale,
                 "members": new_members,
+                "spans": new_spans,
                 "supersedes": existing.state_id if existing is not None else "",
                 "action": alloc.action,
                 "block": new_block,
@@ -260,8 +271,8 @@ class MELO(EditMethod):
         router_path = extra.get("router")
         if not paths or not isinstance(router_path, str):
             raise PatchError(f"melo patch {pid} names no LoRA modules or no router")
-        keys, radii, blocks = patch.require_state(router_path, "keys", "radii", "blocks")
-        lora = {p: patch.require_state(p, "lora_a", "lora_b") for p in paths}
+        keys, radii, blocks = (aligned(t) for t in patch.require_state(router_path, "keys", "radii", "blocks"))
+        lora = {p: tuple(aligned(t) for t in patch.require_state(p, "lora_a", "lora_b")) for p in paths}
         n_keys, n_blocks = keys.shape[0], lora[paths[0]][0].shape[0]
         members = extra.get("members")
         if (
@@ -278,6 +289,13 @@ class MELO(EditMethod):
             raise PatchError(f"melo patch {pid}: block ids must be integers in [0, {n_blocks})")
         if extra.get("metric") not in ("euclidean", "cosine") or not isinstance(extra.get("scale"), (int, float)):
             raise PatchError(f"melo patch {pid}: extra metadata needs a metric and a scale")
+        spans = extra.get("spans")
+        if spans is None:  # patches written before keys recorded their answer's length
+            if target.tokenizer is None:
+                raise PatchError(f"melo patch {pid} has no answer spans; applying it needs the tokenizer")
+            spans = member_spans(target.tokenizer, members)
+        if not isinstance(spans, list) or len(spans) != n_keys or not all(type(s) is int and s >= 1 for s in spans):
+            raise PatchError(f"melo patch {pid}: extra metadata needs {n_keys} positive answer spans")
         if router_path not in arch.role_paths(model, "attn"):
             raise PatchError(f"melo patch {pid} would route on {router_path!r}, not an attention module of this model")
         for p in paths:
@@ -286,7 +304,14 @@ class MELO(EditMethod):
             if not torch.isfinite(t).all():
                 raise PatchError(f"melo patch {pid}: {name} has non-finite values")
         device = get_parameter(model, f"{paths[0]}.weight").device
-        router = MeloRouter(keys.to(device), radii.to(device), blocks.to(device), extra["metric"], state_id=pid)
+        router = MeloRouter(
+            keys.to(device),
+            radii.to(device),
+            blocks.to(device),
+            extra["metric"],
+            state_id=pid,
+            spans=torch.tensor(spans, dtype=torch.long, device=device),
+        )
         supersedes = extra.get("supersedes", "")
         wrappers, old_routers = {}, []
         for p in paths:
@@ -325,6 +350,30 @@ class MELO(EditMethod):
             raise PatchError(
                 f"melo patch {patch.patch_id}: LoRA bank of {path!r} does not fit a {in_dim}->{out_dim} module"
             )
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its storage is not 64-byte aligned. Tensors read from a patch file sit at
+    arbitrary offsets, and a matmul on unaligned memory may round differently (~1e-8): the copy
+    makes a saved patch reproduce the edited model bit for bit. Aligned tensors (the views a
+    sequential run shares) are not copied."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def member_spans(tokenizer: Any, members: list) -> list[int]:
+    """The answer span of each ``[prompt, target]`` edit of the index."""
+    if not all(isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in members):
+        raise PatchError("melo members must be [prompt, target] pairs")
+    return [answer_span(tokenizer, [prompt], target) for prompt, target in members]
+
+
+def existing_spans(existing: MeloLoRA | None, tokenizer: Any, members: list) -> list[int]:
+    """The spans of the index being extended (derived from its members when its router has none)."""
+    if existing is None:
+        return []
+    if existing.router.spans is not None:
+        return [int(s) for s in existing.router.spans.tolist()]
+    return member_spans(tokenizer, members)
 
 
 def existing_base(current, existing):

@@ -1,11 +1,18 @@
 """MELO's key index (Yu et al. 2024, Sec. 3.2): which LoRA block, if any, serves an input.
 
 The index stores one key per edit -- the hidden state entering the router layer's attention (the
-normalized residual stream) at the edit prompt's last token -- with a radius and the block that
-learned the edit. A query is routed by :func:`kedit_grace.codebook.route`:
+normalized residual stream) at the edit prompt's last token -- with a radius, the block that
+learned the edit and the edit's span (the tokens of its answer, :func:`kedit_grace.keys.answer_span`).
+A query is routed by :func:`kedit_grace.codebook.route_positions`:
 
-    block(t) = b_{i*}  if d(h_t, k_{i*}) <= r_{i*}  (nearest key, held for the rest of the sequence)
-             = none    otherwise                     (the base model runs unchanged)
+    block(t) = b_{i*(s)}  if position s <= t hit key i*(s) (d(h_s, k_{i*}) <= r_{i*}, nearest key)
+                          and t - s < span_{i*(s)}
+             = none       otherwise (the base model runs unchanged)
+
+so a block serves the positions that predict its edit's answer -- teacher-forced, or generated one
+at a time from the KV cache -- and the text after the answer runs the base model (issue 16: a block
+held for the rest of the sequence made greedy generation repeat the target). Without spans a hit
+holds for the rest of the sequence.
 
 The router runs as a forward pre-hook on the router layer's attention, before any LoRA block of the
 same forward can change its input.
@@ -24,13 +31,23 @@ from ..codebook import DecodingState, Metric, route_positions
 
 
 class MeloRouter:
-    """Keys ``[K, H]``, radii ``[K]`` and block ids ``[K]``; ``active`` is the routing of the
-    current forward (``[B, T]`` block ids, ``-1`` for none)."""
+    """Keys ``[K, H]``, radii ``[K]``, block ids ``[K]`` and answer spans ``[K]`` (``None``: a hit
+    holds for the rest of the sequence); ``active`` is the routing of the current forward
+    (``[B, T]`` block ids, ``-1`` for none)."""
 
     def __init__(
-        self, keys: torch.Tensor, radii: torch.Tensor, blocks: torch.Tensor, metric: Metric, state_id: str = ""
+        self,
+        keys: torch.Tensor,
+        radii: torch.Tensor,
+        blocks: torch.Tensor,
+        metric: Metric,
+        state_id: str = "",
+        spans: torch.Tensor | None = None,
     ) -> None:
         self.keys, self.radii, self.blocks, self.metric = keys, radii, blocks.long(), metric
+        if spans is not None and tuple(spans.shape) != (int(keys.shape[0]),):
+            raise ValueError(f"{keys.shape[0]} keys need {keys.shape[0]} answer spans, got {tuple(spans.shape)}")
+        self.spans = None if spans is None else spans.long()
         self.state_id = state_id
         self.enabled = True
         self.active: torch.Tensor | None = None
@@ -44,7 +61,7 @@ class MeloRouter:
     def compute(self, hidden: torch.Tensor) -> torch.Tensor:
         batch = hidden.shape[0] if hidden.ndim == 3 else 1
         carry = self.decoding.carry(batch) if self.decoding is not None else None
-        routing = route_positions(hidden, self.keys, self.radii, self.metric, carry=carry)
+        routing = route_positions(hidden, self.keys, self.radii, self.metric, carry=carry, spans=self.spans)
         if self.decoding is not None:
             self.decoding.update(routing)
         entries = routing.active
@@ -71,4 +88,6 @@ class MeloRouter:
 
     def to(self, device: torch.device) -> MeloRouter:
         self.keys, self.radii, self.blocks = self.keys.to(device), self.radii.to(device), self.blocks.to(device)
+        if self.spans is not None:
+            self.spans = self.spans.to(device)
         return self
