@@ -28,8 +28,8 @@ def query_count(requests) -> int:
     return n
 
 
-def time_queries(model, tok, requests, patch=None) -> float:
-    ev = Evaluator(model, tok)
+def time_queries(model, tok, requests, patch=None, generation=True) -> float:
+    ev = Evaluator(model, tok, generation=generation)
     t0 = time.perf_counter()
     if patch is None:
         ev.evaluate(requests)
@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--pool", default=None, help="IKE demonstration pool (default: the packaged one)")
     ap.add_argument("--k", type=int, default=None, help="IKE demonstrations")
+    ap.add_argument("--scope", choices=["subject", "all"], default=None, help="IKE scope gate (default: the preset's)")
     ap.add_argument("--query-n", type=int, default=20)
+    ap.add_argument("--no-generation", action="store_true", help="teacher-forced protocol only (no greedy decoding)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -60,7 +62,7 @@ def main() -> None:
         from kedit_serac.ike import IKE
 
         hp = IKE.load_hparams(None, info.key).updated(
-            **{k: v for k, v in {"pool": args.pool, "k": args.k}.items() if v is not None}
+            **{k: v for k, v in {"pool": args.pool, "k": args.k, "scope": args.scope}.items() if v is not None}
         )
     editor = Editor(args.method, model, tok, hparams=hp, model_info=info, checkpoint=args.checkpoint)
     t0 = time.perf_counter()
@@ -77,18 +79,19 @@ def main() -> None:
             with open(args.out + ".partial", "w", encoding="utf-8") as fh:
                 json.dump(snapshot, fh, indent=1)
 
-    result = editor.edit(reqs, batch_size=args.batch_size, on_chunk=progress)
+    result = editor.edit(reqs, batch_size=args.batch_size, on_chunk=progress, generation=not args.no_generation)
     wall = time.perf_counter() - t0
     report = result.to_report()
     sub = reqs[: args.query_n]
     patch = editor.compute_patch(sub) if editor.method.supports_batch else editor.compute_patch(sub[:1])
     report["time_per_query_s"] = {
-        "edited": time_queries(model, tok, sub, patch),
-        "unedited": time_queries(model, tok, sub),
+        "edited": time_queries(model, tok, sub, patch, not args.no_generation),
+        "unedited": time_queries(model, tok, sub, generation=not args.no_generation),
     }
     report["wall_s"] = wall
     report["data"] = args.data
     report["records"] = [args.start, args.start + len(reqs)]
+    report["protocol"] = "teacher-forced" if args.no_generation else "teacher-forced + generation"
     print(
         f"{args.method} on {info.id}: records [{args.start}, {args.start + len(reqs)}) of {args.data}, batch size {report['batch_size']}"
     )

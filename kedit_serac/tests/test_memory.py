@@ -92,6 +92,35 @@ def test_generate_is_routed_and_restored(tiny):
     assert torch.equal(model.generate(**enc, **kw), before)
 
 
+def test_generate_decides_the_scope_on_the_prompt(tiny):
+    """A prompt out of scope is continued by the base model alone, even where its continuation comes to
+    name the edit (the scope is decided once per generate call, on the prompts)."""
+    model, tok = tiny
+    enc = tok(OUT_OF_SCOPE, return_tensors="pt")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    before = model.generate(**enc, **kw)
+    continuation = tok.decode(before[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    trigger = next(w for w in continuation.split() if w not in OUT_OF_SCOPE)  # named only once generated
+    seen: list[list[str]] = []
+
+    def route(texts):
+        seen.append(list(texts))
+        return [(0, 1.0) if trigger in t else None for t in texts]
+
+    detach = attach_memory(model, tok, Memory(["Rome Rome Rome Rome.\n"], route))
+    try:
+        during = model.generate(**enc, **kw)
+        decisions = len(seen)
+        routed = logits(model, tok, tok.decode(before[0], skip_special_tokens=True))
+    finally:
+        detach()
+    assert torch.equal(during, before)
+    assert decisions == 1  # one scope decision for the whole call
+    assert not torch.allclose(
+        routed, logits(model, tok, tok.decode(before[0], skip_special_tokens=True))
+    )  # a forward is routed
+
+
 def test_detach_is_exact_and_lifo(tiny):
     model, tok = tiny
     keys_before = set(model.__dict__)

@@ -5,9 +5,12 @@ the edit (:mod:`.demonstrations`),
 
     f(x) = p_base( · | C(f*, t*) ⊕ x ),
 
-where with several edits in one patch x reads the context of the edit whose fact is nearest to x
-in sentence-embedding space. Unlike SERAC there is no scope classifier, so unrelated inputs read
-the context too (IKE's locality is its weak side).
+for the inputs in the edit's scope; every other input runs on the base model with no context at
+all. The scope (hparams ``scope``, :mod:`.scope_gate`) is ``"subject"``: the inputs that name the
+edited subject (with several edits, the most specific subject named, then the nearest fact), or
+``"all"``: every input, as in the paper, each reading the context of the edit whose fact is nearest
+to it in sentence-embedding space (unrelated inputs then read the context too: on Gemma 3 270M the
+CounterFact neighbourhood score falls from 0.88 to 0.16).
 
 The demonstration pool is a data file of edit records: hparams ``pool``, or ``--checkpoint FILE``, else
 the pool shipped in the package (training records only).
@@ -16,6 +19,7 @@ the pool shipped in the package (training records only).
 from __future__ import annotations
 
 from importlib import resources
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +36,7 @@ from kedit_core.trainer import load_training_requests
 from .demonstrations import LABEL, DemonstrationPool, kind_counts, new_fact
 from .encoder import ENCODER_ID, shared_encoder
 from .memory import Memory, attach_memory, require_tokenizer
+from .scope_gate import subject_router
 from .serac import identity_params
 
 PACKAGED_POOL = "ike_pool.json"
@@ -51,6 +56,9 @@ class IKEHyperparams(Hyperparams):
     pool: str | None = None
     #: use the first N records of the pool (all when unset)
     pool_limit: int | None = Field(default=None, ge=1)
+    #: which inputs read an edit's context: those naming the edited subject ("subject"; the others
+    #: run on the base model unchanged), or every input ("all", the paper)
+    scope: Literal["subject", "all"] = "subject"
     batch_size: int = Field(default=1, ge=1)
 
 
@@ -85,6 +93,8 @@ class IKE(EditMethod):
             extra={
                 "encoder": ENCODER_ID,
                 "contexts": contexts,
+                "scope": hparams.scope,
+                "subjects": [r.subject for r in requests],
                 "pool": {"source": pool_file or "", "records": len(pool)},
             },
         )
@@ -101,10 +111,18 @@ class IKE(EditMethod):
     def attach(self, target: ModelContext, patch: Patch) -> Detach:
         tokenizer = require_tokenizer(target.tokenizer, f"IKE patch {patch.patch_id}")
         keys = patch.state_groups().get("memory", {}).get("keys")
-        contexts = list(patch.metadata.get("extra", {}).get("contexts", []))
+        extra = patch.metadata.get("extra", {})
+        contexts = list(extra.get("contexts", []))
         if keys is None or keys.shape[0] != len(contexts) or not contexts:
             raise PatchError(f"IKE patch {patch.patch_id} needs one memory key per context")
-        return attach_memory(target.model, tokenizer, Memory(contexts, nearest_router(keys)))
+        scope = extra.get("scope", "all")  # patches written before the scope gate read every input
+        if scope == "all":
+            return attach_memory(target.model, tokenizer, Memory(contexts, nearest_router(keys)))
+        subjects = extra.get("subjects")
+        if scope != "subject" or not isinstance(subjects, list) or len(subjects) != len(contexts):
+            raise PatchError(f"IKE patch {patch.patch_id}: scope {scope!r} needs one subject per context")
+        route = subject_router([str(s) for s in subjects], keys, lambda texts: shared_encoder().embed(texts))
+        return attach_memory(target.model, tokenizer, Memory(contexts, route))
 
 
 def packaged_pool() -> str:

@@ -9,8 +9,11 @@ row whose text ``x`` falls in the scope of edit ``e``, the output is that of the
 
 It is installed as a forward hook on ``model.base_model`` (so ``model(...)`` and the
 ``base_model + lm_head`` path of :mod:`kedit_core.ops.logits` both see it) and as an instance-level
-``generate`` that turns the KV cache off (each step then re-reads the whole row). Removing the
-last memory removes the hook and the ``generate`` attribute: the model is as it was.
+``generate`` that turns the KV cache off (each step then re-reads the whole row). Within one
+``generate`` call the scope is decided once, on the prompts (the first forward): a prompt out of
+scope is continued by the base model alone even if its continuation comes to name an edit, and
+one in scope keeps its edit. Removing the last memory removes the hook and the ``generate``
+attribute: the model is as it was.
 
 The tokenizer that reads the rows and encodes the contexts is the one the patch is applied with
 (``patch.apply(model, tokenizer=tok)``); memories stacked on one model share the first one's.
@@ -65,12 +68,20 @@ class MemoryRouter:
         self.tokenizer = tokenizer
         self.memories: list[Memory] = []
         self._busy = False
+        #: within a generate call: the routes decided on its prompts (None until its first forward)
+        self._generating = False
+        self._pinned: list[tuple[Memory, int] | None] | None = None
         self._handle = model.base_model.register_forward_hook(self._hook, with_kwargs=True)
         original_generate = model.generate
 
         def generate(*args: Any, **kwargs: Any) -> Any:
             kwargs["use_cache"] = False
-            return original_generate(*args, **kwargs)
+            outer = self._generating, self._pinned
+            self._generating, self._pinned = True, None
+            try:
+                return original_generate(*args, **kwargs)
+            finally:
+                self._generating, self._pinned = outer
 
         model.__dict__["generate"] = generate
 
@@ -89,6 +100,15 @@ class MemoryRouter:
         self.model.__dict__.pop(ROUTER_ATTR, None)
 
     # -- routing ----------------------------------------------------------------------------------
+    def _route(self, rows: list[list[int]]) -> list[tuple[Memory, int] | None]:
+        """:meth:`_select` on the rows' texts; inside ``generate``, the choice made on the prompts."""
+        if self._generating and self._pinned is not None and len(self._pinned) == len(rows):
+            return self._pinned
+        choice = self._select(self.tokenizer.batch_decode(rows, skip_special_tokens=True))
+        if self._generating:
+            self._pinned = choice
+        return choice
+
     def _select(self, texts: list[str]) -> list[tuple[Memory, int] | None]:
         """Per row, the in-scope edit with the highest score over all memories (newest wins ties)."""
         best: list[tuple[float, Memory, int] | None] = [None] * len(texts)
@@ -195,8 +215,7 @@ class MemoryRouter:
         if mask is None or mask.ndim != 2 or mask.shape[1] != input_ids.shape[1]:
             mask = torch.ones_like(input_ids)
         rows = [input_ids[i][mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        choice = self._select(texts)
+        choice = self._route(rows)
         routed = [i for i, c in enumerate(choice) if c is not None]
         if not routed:
             return output
