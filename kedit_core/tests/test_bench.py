@@ -143,7 +143,7 @@ def test_changed_source_reruns_unless_stale_results_are_accepted(bench_run, ft_p
     cfg, jobs, results, out, (model, tok) = bench_run
     edited = [runner.PlannedJob(j.key, j.spec, (("method", "edited"), ("core", "x"))) for j in jobs[:1]]
     ran = []
-    monkeypatch.setattr(runner, "run_job", lambda spec, *a: ran.append(spec) or {"metrics": {}, "wall_s": 0.0})
+    monkeypatch.setattr(runner, "run_job", lambda spec, *a, **k: ran.append(spec) or {"metrics": {}, "wall_s": 0.0})
     runner.run_jobs(edited, out, isolate=False, model=model, tokenizer=tok, progress=False)
     assert len(ran) == 1  # the method's source changed: its job runs again
     (out / "jobs" / f"{jobs[0].key}.json").write_text(json.dumps(results[jobs[0].key]))

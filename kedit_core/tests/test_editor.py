@@ -105,3 +105,22 @@ def test_from_hparams_file_picks_method(tmp_path):
     p.write_text("layers: [2]\n")
     with pytest.raises(KeditError, match="needs a 'method' field"):
         Editor.from_hparams(p, model, tokenizer=tok)
+
+
+def test_baseline_dir_shares_the_unedited_scores(editor, tmp_path, monkeypatch):
+    from kedit_core.evaluate import Evaluator
+
+    first = editor.edit(tiny_requests(), baseline_dir=tmp_path)
+    [cached] = tmp_path.glob("baseline-*.json")
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the unedited model was scored again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Evaluator, "evaluate_with_reference", refuse)
+        again = editor.edit(tiny_requests(), baseline_dir=tmp_path)
+    assert again.pre == first.pre and again.generations["pre"] == first.generations["pre"]
+    assert again.post == first.post  # the locality references read back score the same
+    editor.edit(tiny_requests()[:1], baseline_dir=tmp_path)  # other requests: another key, computed
+    editor.edit(tiny_requests(), baseline_dir=tmp_path, generation=False)  # another protocol
+    assert len(list(tmp_path.glob("baseline-*.json"))) == 3 and cached.is_file()

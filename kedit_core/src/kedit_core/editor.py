@@ -18,6 +18,7 @@ from .architecture import ArchitectureSpec, resolve_architecture, write_weight
 from .efficiency import current_rss_mb, peak_cuda_mb, peak_rss_mb
 from .errors import EditError, KeditError, RequestError
 from .evaluate import Evaluator
+from .evaluate.baseline import scored_baseline
 from .evaluate.metrics import mean, metric_names, protocols
 from .hparams import Hyperparams, read_mapping_file
 from .method import EditContext, EditMethod, PatchKind
@@ -242,6 +243,7 @@ class Editor:
         generation: bool = True,
         on_chunk: Callable[[int, EditResult], None] | None = None,
         run_dir: str | Path | None = None,
+        baseline_dir: str | Path | None = None,
     ) -> EditResult:
         """Edit ``requests`` in chunks of ``batch_size``.
 
@@ -252,6 +254,9 @@ class Editor:
         ``run_dir`` (sequential only): save progress there after every chunk and resume from it
         (:mod:`kedit_core.runstate`) -- an interrupted run started again loses and repeats no edit.
         One process at a time may use a run directory.
+        ``baseline_dir``: read the unedited model's scores on these requests from there when an earlier
+        run with the same model, requests and protocol left them, else write them there
+        (:mod:`kedit_core.evaluate.baseline`) -- for running several methods on the same data.
 
         Editing is a transaction: the requests are checked before the first edit (texts longer than
         the model's positions, contradictory requests in one batch: refused with their record index),
@@ -282,6 +287,7 @@ class Editor:
                     keep=keep_original_weight,
                     on_chunk=on_chunk,
                     run=run,
+                    baseline_dir=baseline_dir,
                 )
             except BaseException:
                 self.restore(result)  # the transaction: the model as it was before the call
@@ -314,14 +320,15 @@ class Editor:
         keep: bool,
         on_chunk: Callable[[int, EditResult], None] | None,
         run: RunState | None,
+        baseline_dir: str | Path | None = None,
     ) -> None:
         """The chunks of :meth:`edit`; whatever it leaves applied is in ``result.handles``/``baseline``."""
         reqs, bs, sequential = result.requests, result.batch_size, result.sequential
         ev = self.evaluator(generation=generation)
         refs, parent, done = self._resume(result, run, evaluate)
         if refs is None and evaluate and done == 0:
-            result.pre, refs = ev.evaluate_with_reference(reqs)
-            result.generations["pre"] = [g.to_dict() for g in ev.last_generations]
+            base = scored_baseline(ev, reqs, self._ctx.model_fingerprint, baseline_dir)
+            result.pre, refs, result.generations["pre"] = base.pre, base.references, base.generations
         bar = tqdm(
             total=len(reqs), initial=done, desc=f"{self.method.name} edits", unit="edit", disable=not self.progress
         )

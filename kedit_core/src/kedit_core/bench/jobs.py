@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: beside the job results: the unedited model's scores, shared by the jobs on the same records
+BASELINE_DIR = "baselines"
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -46,10 +49,12 @@ class JobSpec:
         return cls(**data)
 
 
-def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None, baseline_dir: Any = None) -> dict[str, Any]:
     """Run ``spec`` in this process and return its result (see the module docstring).
 
     ``model``/``tokenizer``: an already loaded model to use instead of loading ``spec.model``.
+    ``baseline_dir``: where the unedited model's scores are shared between jobs on the same data
+    (``Editor.edit``'s ``baseline_dir``).
     """
     import torch
 
@@ -77,7 +82,13 @@ def run_job(spec: JobSpec, model: Any = None, tokenizer: Any = None) -> dict[str
         )
     load_s = time.perf_counter() - t0
     requests = load_requests(spec.data, limit=spec.start + spec.n)[spec.start :]
-    result = editor.edit(requests, sequential=spec.sequential, batch_size=spec.batch_size, generation=spec.generation)
+    result = editor.edit(
+        requests,
+        sequential=spec.sequential,
+        batch_size=spec.batch_size,
+        generation=spec.generation,
+        baseline_dir=baseline_dir,
+    )
     report = result.to_report()
     info = get_registry().methods[editor.method.name].plugin
     per_edit = [s / spec.batch_size for s in result.edit_seconds]
@@ -129,7 +140,7 @@ def main(argv: list[str]) -> int:
     from ..fsutil import atomic_write_text
 
     try:
-        result = run_job(spec)
+        result = run_job(spec, baseline_dir=Path(out_path).parent / BASELINE_DIR)
     except Exception as exc:  # reported in the bench tables, the other jobs go on
         result = {"spec": spec.to_dict(), "error": f"{type(exc).__name__}: {exc}"}
         atomic_write_text(Path(out_path), json.dumps(result, indent=1))

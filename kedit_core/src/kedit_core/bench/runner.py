@@ -36,7 +36,7 @@ from ..errors import KeditError
 from ..fsutil import atomic_write_text
 from ..models import model_key
 from .config import JOB_KINDS, BenchConfig
-from .jobs import JobSpec, run_job
+from .jobs import BASELINE_DIR, JobSpec, run_job
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def read_result(path: Path) -> dict[str, Any] | None:
 def _run_in_process(job: PlannedJob, path: Path, model: Any, tokenizer: Any) -> dict[str, Any]:
     started = time.time()
     try:
-        result = run_job(job.spec, model, tokenizer)
+        result = run_job(job.spec, model, tokenizer, baseline_dir=path.parent / BASELINE_DIR)
     except Exception as exc:  # one method failing must not stop the bench
         log.exception("%s failed", job.label)
         result = {"spec": job.spec.to_dict(), "error": f"{type(exc).__name__}: {exc}"}
