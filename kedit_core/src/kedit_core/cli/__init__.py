@@ -1,8 +1,8 @@
 """The ``kedit`` command line. Human output by default, ``--json`` for machines.
 
 Plugins add commands through the ``register_commands(cli)`` hook, called once in :func:`main`.
-Starting the CLI imports neither torch nor transformers: ``--help``, ``kedit methods`` and every check of
-the input answer at once; a command imports them when it loads a model.
+Starting the CLI imports neither torch nor transformers: ``--help``, ``kedit methods``, ``kedit models`` and
+every check of the input answer at once; a command imports them when it loads a model.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def cli(verbose: int) -> None:
 
 
 def _add_core_commands() -> None:
-    from . import bench, edit, methods, patch
+    from . import bench, edit, methods, models, patch
 
-    for command in (methods.methods, edit.edit, edit.evaluate, patch.patch, bench.bench):
+    for command in (methods.methods, models.models, edit.edit, edit.evaluate, patch.patch, bench.bench):
         cli.add_command(command)
     try:
         from .train import train
