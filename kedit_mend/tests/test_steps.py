@@ -15,6 +15,7 @@ from kedit_mend.forward import LowRankUpdate, capture_layer_input, edited_forwar
 from kedit_mend.gradient_factors import gradient_factors, target_nll
 from kedit_mend.gradient_network import MENDNetwork, RunningNorm
 from kedit_mend.hypernetwork import KENetwork
+from kedit_mend.ke import KE
 from kedit_mend.mend import MEND
 
 PAIRS = [("The Eiffel Tower is located in the city of", "Rome"), ("Toyota is a company headquartered in", "Japan Inc")]
@@ -124,3 +125,19 @@ def test_a_batch_of_edits_sums_their_gradient_terms(tmp_path):
     single = [method.compute_patch(model, tok, [r], hp, arch, ctx).deltas() for r in reqs]
     for name, delta in joint.items():
         assert torch.allclose(delta, single[0][name] + single[1][name], atol=1e-5)
+
+
+@pytest.mark.parametrize("method_cls", [MEND, KE])
+def test_edit_scale_multiplies_the_update(tmp_path, method_cls):
+    model, tok = tiny_model("llama")
+    arch = resolve_architecture(model)
+    method = method_cls()
+    ctx = EditContext(cache_dir=tmp_path)
+    req = tiny_requests()[:1]
+    full = method.compute_patch(model, tok, req, method.load_hparams({"layers": [1]}), arch, ctx).deltas()
+    hp = method.load_hparams({"layers": [1], "edit_scale": 0.125})
+    scaled = method.compute_patch(model, tok, req, hp, arch, ctx).deltas()
+    assert full.keys() == scaled.keys()
+    for name, delta in full.items():
+        assert delta.abs().max() > 0
+        assert torch.allclose(scaled[name], 0.125 * delta, atol=1e-6, rtol=1e-4)

@@ -42,6 +42,10 @@ class EditorHyperparams(TrainingHyperparams):
     layers: list[int] = Field(default=[-1], min_length=1)
     #: initial step size of the update (learned per layer during training)
     edit_lr: float = Field(default=1e-3, gt=0)
+    #: at edit time (not in training), the trained network's update times this: the learned step sizes
+    #: are fitted to teacher-forced losses, and a smaller step trades a little of the target's
+    #: probability for text that does not loop on the target (see the presets' measurements)
+    edit_scale: float = Field(default=1.0, gt=0)
     #: a checkpoint shipped with kedit-mend (by name) or a directory; ``--checkpoint`` overrides it
     checkpoint: str | None = None
     #: no gradient terms from special tokens (BOS): their hidden states are the same in every input,
@@ -200,7 +204,8 @@ class TrainedEditorMethod(EditMethod):
         lowrank = {}
         for param, up in updates.items():
             dtype = get_parameter(model, param).dtype
-            lowrank[param] = arch.lowrank_to_param_layout(up.a.detach().to(dtype), up.b.detach().to(dtype))
+            a = up.a.detach() * hparams.edit_scale
+            lowrank[param] = arch.lowrank_to_param_layout(a.to(dtype), up.b.detach().to(dtype))
         return Edit(lowrank=lowrank, extra={"checkpoint": source})
 
     # -- training ---------------------------------------------------------------------------------
