@@ -19,6 +19,18 @@ TINY_HPARAMS = {
         "cluster_radius": 0.0,
         "stop_loss": 0.0,
     },
+    # the tiny models' activations are ~100x smaller than a real model's: margins scaled down
+    "wise": {
+        "layer": 2,
+        "optimizer": "adam",
+        "lr": 0.05,
+        "max_steps": 60,
+        "alpha": 0.02,
+        "beta": 0.2,
+        "gamma": 0.1,
+        "mask_ratio": 0.5,
+        "stop_loss": 0.0,
+    },
 }
 
 

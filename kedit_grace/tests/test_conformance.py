@@ -1,4 +1,4 @@
-"""kedit's plugin contract for GRACE and MELO (tiny gpt2 / llama / gemma3 models)."""
+"""kedit's plugin contract for GRACE, MELO and WISE (tiny gpt2 / llama / gemma3 models)."""
 
 from helpers import TINY_HPARAMS
 
@@ -15,3 +15,9 @@ class TestMeloConformance(MethodConformance):
     method_name = "melo"
     hparams = TINY_HPARAMS["melo"]
     layer_hparams = ("lora_layers",)  # router_layer: test_layers.py
+
+
+class TestWiseConformance(MethodConformance):
+    method_name = "wise"
+    hparams = TINY_HPARAMS["wise"]
+    layer_hparams = ("layer",)

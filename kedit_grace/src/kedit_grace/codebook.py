@@ -84,7 +84,33 @@ def route_positions(
     if squeeze:
         queries = queries.unsqueeze(0)
     b, t, dim = queries.shape
-    device = queries.device
+    hit = idx = None
+    if keys.shape[0] > 0:
+        dist, idx = nearest(queries.reshape(b * t, dim).detach(), keys, metric)
+        hit = (dist <= radii.to(queries.device).float()[idx]).view(b, t)
+        idx = idx.view(b, t)
+        if mask is not None and mask.shape == hit.shape:
+            hit = hit & mask.to(queries.device).bool()
+    routing = spread_hits(hit, idx, (b, t), queries.device, carry, spans)
+    if squeeze:
+        return Routing(routing.active[0], routing.left[0])
+    return routing
+
+
+def spread_hits(
+    hit: torch.Tensor | None,
+    entry: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+    carry: Carry | None = None,
+    spans: torch.Tensor | None = None,
+) -> Routing:
+    """Routing from hits already decided: ``hit`` (``[B, T]`` bool, ``None``: no entries) says where a
+    position hits, ``entry`` (``[B, T]``) which entry it hits there. Each hit starts its entry's span
+    (``spans[entry]`` positions, hit included; ``None``: the rest of the sequence); ``carry``
+    continues the previous forward. GRACE and MELO hit on key distances (:func:`route_positions`),
+    WISE on its side memory's activation score (:mod:`kedit_grace.wise.side_memory`)."""
+    b, t = shape
     positions = torch.arange(t, device=device).expand(b, t)
     if carry is not None and carry.entry.shape[0] == b:
         c_entry = carry.entry.to(device).long().view(b, 1)
@@ -95,22 +121,15 @@ def route_positions(
     # what the previous forward still covers: its entry, for its remaining positions
     left = c_left - 1 - positions
     active = torch.where((left >= 0) & (c_entry >= 0), c_entry.expand(b, t), torch.full_like(positions, -1))
-    if keys.shape[0] > 0:
-        dist, idx = nearest(queries.reshape(b * t, dim).detach(), keys, metric)
-        hit = (dist <= radii.to(device).float()[idx]).view(b, t)
-        idx = idx.view(b, t)
-        if mask is not None and mask.shape == hit.shape:
-            hit = hit & mask.to(device).bool()
+    if hit is not None and entry is not None:
         last_hit = torch.where(hit, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-        entry = idx.gather(1, last_hit.clamp(min=0))
-        span = torch.full_like(entry, UNBOUNDED) if spans is None else spans.to(device).long()[entry]
+        hit_entry = entry.gather(1, last_hit.clamp(min=0))
+        span = torch.full_like(hit_entry, UNBOUNDED) if spans is None else spans.to(device).long()[hit_entry]
         hit_left = span - 1 - (positions - last_hit)
         after_hit = last_hit >= 0
         left = torch.where(after_hit, hit_left, left)
-        active = torch.where(after_hit, torch.where(hit_left >= 0, entry, -1), active)
+        active = torch.where(after_hit, torch.where(hit_left >= 0, hit_entry, -1), active)
     left = torch.where(active >= 0, left, torch.zeros_like(left))
-    if squeeze:
-        return Routing(active[0], left[0])
     return Routing(active, left)
 
 

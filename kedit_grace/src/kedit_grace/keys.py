@@ -18,7 +18,7 @@ from torch import nn
 
 from kedit_core.ops.hooks import stop_before
 from kedit_core.ops.logits import final_hidden, model_device
-from kedit_core.ops.tokens import encode_prompts, split_prompt_target
+from kedit_core.ops.tokens import encode_pairs, encode_prompts, split_prompt_target
 
 
 @torch.no_grad()
@@ -31,6 +31,27 @@ def last_token_input(model: nn.Module, tokenizer: Any, module: nn.Module, prompt
     if x.ndim == 2:
         x = x.unsqueeze(0)
     return x[0, lens[0] - 1].float().clone()
+
+
+@torch.no_grad()
+def sequence_inputs(
+    model: nn.Module, tokenizer: Any, module: nn.Module, prompts: list[str], targets: list[str] | None = None
+) -> list[torch.Tensor]:
+    """``[T_i, D]`` (float32) per prompt: the input of ``module`` at every token of ``prompts[i]``
+    (of ``prompts[i] + " " + targets[i]`` when ``targets`` are given), one batched forward."""
+    device = model_device(model)
+    if targets is None:
+        ids, mask, lens = encode_prompts(tokenizer, prompts, device)
+    else:
+        enc = encode_pairs(tokenizer, prompts, targets, device)
+        ids, mask = enc.input_ids, enc.attention_mask
+        lens = [int(n) for n in mask.sum(dim=1).tolist()]
+    with stop_before(module) as seen:
+        final_hidden(model, ids, mask)
+    x = seen[0]
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    return [x[i, :n].float().clone() for i, n in enumerate(lens)]
 
 
 def answer_span(tokenizer: Any, prompts: list[str], label: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from kedit_core.architecture import get_module
@@ -97,3 +98,11 @@ def innermost(module: nn.Module) -> nn.Module:
     while isinstance(module, ModuleWrapper):
         module = module.base
     return module
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its storage is not 64-byte aligned. Tensors read from a patch file sit at
+    arbitrary offsets, and a matmul on unaligned memory may round differently (~1e-8): the copy
+    makes a saved patch reproduce the edited model bit for bit. Aligned tensors (the views a
+    sequential run shares) are not copied."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()

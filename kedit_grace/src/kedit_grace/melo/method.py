@@ -27,7 +27,7 @@ from kedit_core.request import EditRequest
 from ..codebook import TailCache
 from ..fit import fit_targets
 from ..keys import answer_span, last_token_input
-from ..wrapping import install, replace_module, unwrap_base
+from ..wrapping import aligned, install, replace_module, unwrap_base
 from .allocate import allocate_block
 from .lora import MeloLoRA
 from .router import MeloRouter
@@ -350,14 +350,6 @@ class MELO(EditMethod):
             raise PatchError(
                 f"melo patch {patch.patch_id}: LoRA bank of {path!r} does not fit a {in_dim}->{out_dim} module"
             )
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, copied when its storage is not 64-byte aligned. Tensors read from a patch file sit at
-    arbitrary offsets, and a matmul on unaligned memory may round differently (~1e-8): the copy
-    makes a saved patch reproduce the edited model bit for bit. Aligned tensors (the views a
-    sequential run shares) are not copied."""
-    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def member_spans(tokenizer: Any, members: list) -> list[int]:
