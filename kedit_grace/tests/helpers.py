@@ -62,3 +62,26 @@ def logits(model, tok, pairs=None):
 
 #: prompts no edit is about: the tiny models must give them bit-identical logits after editing
 UNRELATED = [("Berlin is the capital of", "Germany"), ("Apple was founded in California by", "Steve Jobs")]
+
+
+def generation_calls(model, tok, module, prompt: str, max_new_tokens: int) -> list[tuple]:
+    """(input, output) of ``module`` at every forward of a greedy ``generate`` from ``prompt``."""
+    import torch
+
+    from kedit_core.ops.tokens import encode_prompts
+
+    ids, mask, _ = encode_prompts(tok, [prompt])
+    calls: list[tuple] = []
+    handle = module.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach())))
+    try:
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+    finally:
+        handle.remove()
+    return calls

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_HPARAMS
+from helpers import TINY_HPARAMS, generation_calls
 
 from kedit_core.architecture import get_module, resolve_architecture
 from kedit_core.editor import Editor
@@ -29,20 +29,7 @@ def test_grace_edit_forces_only_the_answer_during_generation():
         adaptor = get_module(model, result.patches[0].metadata["modules"][0])
         assert isinstance(adaptor, GraceAdaptor)
         answer = len(split_prompt_target(tok, request.prompt, request.target_new)[1])
-        ids, mask, _ = encode_prompts(tok, [request.prompt])
-        calls = []
-        handle = adaptor.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach())))
-        try:
-            with torch.no_grad():
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=answer + 4,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-        finally:
-            handle.remove()
+        calls = generation_calls(model, tok, adaptor, request.prompt, answer + 4)
         # one forward per generated token; each ends at the position that predicts the next one
         assert len(calls) == answer + 4 and all(o.shape[1] == 1 for _, o in calls[1:])
         value = adaptor.values[0]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_HPARAMS, UNRELATED, logits, three_requests
+from helpers import TINY_HPARAMS, UNRELATED, generation_calls, logits, three_requests
 from safetensors import safe_open
 
 from kedit_core.architecture import get_module, resolve_architecture
@@ -190,20 +190,7 @@ def test_cached_generation_uses_the_side_memory_only_over_the_answer(family):
     answer = len(split_prompt_target(tok, request.prompt, request.target_new)[1])
     with patch.applied(model):
         memory = get_module(model, patch.metadata["modules"][0])
-        ids, mask, _ = encode_prompts(tok, [request.prompt])
-        calls = []
-        handle = memory.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach())))
-        try:
-            with torch.no_grad():
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=answer + 4,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-        finally:
-            handle.remove()
+        calls = generation_calls(model, tok, memory, request.prompt, answer + 4)
         assert len(calls) == answer + 4 and all(o.shape[1] == 1 for _, o in calls[1:])
         side = [not torch.equal(o[0, -1], memory.base(x)[0, -1]) for x, o in calls]
         # the router says no to every generated token after the answer: they run the main memory
