@@ -97,3 +97,15 @@ def test_head_loss_matches_autograd(cap, bias):
     assert torch.equal(loss0[targets < 0], torch.zeros(2))
     assert torch.allclose(recorded[[2, 0]].double(), logp[targets < 0].detach(), atol=1e-4)
     assert torch.equal(recorded[1], torch.zeros(1000))
+
+
+def test_head_loss_reports_whether_the_target_is_most_probable():
+    torch.manual_seed(1)
+    model = _Head(1000, 16, 5.0, True)
+    hidden = torch.randn(5, 16, dtype=torch.float64)
+    best = head_logits(model, hidden).argmax(-1)
+    second = head_logits(model, hidden).topk(2, -1).indices[:, 1]
+    targets = torch.stack([best[0], second[1], torch.tensor(-1), best[3], second[4]])
+    top = torch.zeros(5, dtype=torch.bool)
+    head_loss(model, hidden, targets, torch.zeros(1, 1000), record=True, chunk=128, top=top)
+    assert top.tolist() == [True, False, False, True, False]  # the KL row is left as it was

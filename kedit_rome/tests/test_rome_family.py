@@ -376,3 +376,100 @@ def test_memit_batch_asking_one_prompt_for_two_targets_is_refused_before_any_wor
     with pytest.raises(RequestError, match="^records 0 and 2 ask the same prompt"):
         editor.compute_patch([a, same_again, conflict])
     assert not any(tmp_path.iterdir())  # refused before statistics or templates were computed
+
+
+def _logits_with(model, tok, arch, site, requests, templates, deltas):
+    """The rewriting rows' logits and batch, ``deltas`` added to the site's output at each row's subject
+    token (a full forward, no cached prefix)."""
+    from kedit_core.architecture import get_module
+    from kedit_rome.value import build_batch
+
+    batch = build_batch(tok, requests, templates, "cpu")
+    rows = torch.arange(batch.n_rewrite)
+
+    def add(_m, _a, out):
+        out = out.clone()
+        out[rows, batch.lookup[rows]] += deltas[batch.owner[rows]].to(out.dtype)
+        return out
+
+    handle = get_module(model, site).register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            ids, mask = batch.enc.input_ids[: batch.n_rewrite], batch.enc.attention_mask[: batch.n_rewrite]
+            return model(input_ids=ids, attention_mask=mask).logits, batch
+    finally:
+        handle.remove()
+
+
+def _argmax_hits(model, tok, arch, site, requests, templates, deltas):
+    """Per request: whether every target token is the argmax in every template, ``deltas`` added."""
+    logits, batch = _logits_with(model, tok, arch, site, requests, templates, deltas)
+    r, c = batch.enc.target_positions()
+    keep = r < batch.n_rewrite
+    hit = logits[r[keep], c[keep]].argmax(-1) == batch.enc.flat_targets()[keep]
+    misses = torch.zeros(len(requests)).index_add_(0, batch.owner[r[keep]], (~hit).float())
+    return (misses == 0).tolist()
+
+
+def test_most_probable_early_stop_stops_each_request_once_greedy_says_its_target():
+    """ENCORE's most-probable early stopping: a request stops at the first step whose delta makes every
+    target token the argmax in every template, so its delta is no larger than the run that goes on
+    driving the NLL down, and the stopped delta really does make the targets the argmax."""
+    from kedit_core.request import EditRequest
+    from kedit_rome.rome import ROMEHyperparams
+    from kedit_rome.value import optimize_values
+
+    model, tok = tiny_model("llama", dtype=torch.float64)
+    arch = resolve_architecture(model)
+    site = arch.layer_path(2, arch.mlp_out)
+    templates = ["{}", "Hello there. {}"]
+    # random tiny models pass little through attention: the subject's last token is the prompt's last
+    reqs = [
+        EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris"),
+        EditRequest(prompt="Michael Jordan plays", subject="Jordan plays", target_new="football"),
+    ]
+    base = {"v_num_grad_steps": 40, "v_lr": 0.2, "clamp_norm_factor": 1e6, "early_stop_nll": 0.0}
+    base |= {"v_weight_decay": 0.0, "kl_factor": 0.0}
+    full = optimize_values(model, tok, arch, reqs, templates, [site], 2, ROMEHyperparams(**base))
+    opts = ROMEHyperparams(**base, early_stop_most_probable=True)
+    mpes = optimize_values(model, tok, arch, reqs, templates, [site], 2, opts)
+    assert _argmax_hits(model, tok, arch, site, reqs, templates, torch.zeros_like(mpes.deltas[0])) == [False, False]
+    assert _argmax_hits(model, tok, arch, site, reqs, templates, mpes.deltas[0]) == [True, True]
+    # measured: stopped at step 2 with |delta| 1.1 against 5.4 after 40 steps
+    assert mpes.steps < full.steps == 40
+    assert bool((mpes.deltas[0].norm(dim=1) < 0.5 * full.deltas[0].norm(dim=1)).all())
+
+
+def test_continuation_kl_keeps_what_follows_the_target_as_it_was():
+    """With the continuation KL, the next-token distribution after the target (in every rewriting prompt)
+    stays much closer to the unedited model's than without it, and the target is still learned. A random
+    tiny model passes little from the subject to later positions (KL ~2e-4 without the term), so the
+    term's weight is large here; measured: 1.8e-4 without, 1.4e-5 with."""
+    from kedit_core.request import EditRequest
+    from kedit_rome.rome import ROMEHyperparams
+    from kedit_rome.value import optimize_values
+
+    model, tok = tiny_model("llama", dtype=torch.float64)
+    arch = resolve_architecture(model)
+    site = arch.layer_path(0, arch.mlp_out)
+    templates = ["{}", "Hello there. {}"]
+    reqs = [EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris")]
+    base = {"v_num_grad_steps": 30, "v_lr": 0.2, "clamp_norm_factor": 1e6, "early_stop_nll": 0.0}
+    base |= {"v_weight_decay": 0.0, "kl_factor": 0.0}
+
+    def after_target_kl(delta):
+        edited, batch = _logits_with(model, tok, arch, site, reqs, templates, delta)
+        plain, _ = _logits_with(model, tok, arch, site, reqs, templates, torch.zeros_like(delta))
+        rows = torch.arange(batch.n_rewrite)
+        p, q = (torch.log_softmax(x[rows, batch.target_last], -1) for x in (plain, edited))
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    runs = {
+        c: optimize_values(
+            model, tok, arch, reqs, templates, [site], 0, ROMEHyperparams(**base, continuation_kl_factor=c)
+        )
+        for c in (0.0, 1e4)
+    }
+    free, held = (after_target_kl(runs[c].deltas[0]) for c in (0.0, 1e4))
+    assert held < 0.25 * free
+    assert _argmax_hits(model, tok, arch, site, reqs, templates, runs[1e4].deltas[0]) == [True]

@@ -5,6 +5,7 @@ the subject's last token of every prompt of that request, and optimized (ROME Eq
 
     min_delta  mean_j -log P(o* | x_j + p)                          (rewriting, all templates)
              + kl_factor * KL(P(. | s is a) || P'(. | s is a))      (essence)
+             + c * mean_j KL(P(. | x_j + p + o*) || P'(. | x_j + p + o*))   (continuation; c = 0: off)
              + weight_decay * ||delta|| / ||v||^2,    ||delta|| <= clamp * ||v||
 
 with ``v`` the site's original output. Where the time goes, and what is done about it:
@@ -53,6 +54,14 @@ class ValueOptions(BaseModel):
     kl_factor: float = Field(default=0.0625, ge=0)
     #: a request stops once its mean rewriting NLL (nats per target token) is below this
     early_stop_nll: float = Field(default=0.05, ge=0)
+    #: also stop a request as soon as every target token is the most probable token at its position
+    #: in every template (most-probable early stopping, ENCORE): the edit then does no more than make
+    #: greedy decoding say the target, instead of driving its probability towards 1
+    early_stop_most_probable: bool = False
+    #: weight of the continuation KL: at the position after the target in every rewriting prompt, the
+    #: next-token distribution is held to the unedited model's there (0: off). The rewriting loss alone
+    #: lets the edited subject keep pushing the target after it was said ("Rome Rome Rome")
+    continuation_kl_factor: float = Field(default=0.0, ge=0)
     #: suffix tokens (padding included) run through the model per forward/backward pass: bounds
     #: activation memory; each pass goes forward, through the
     #: output layer and backward before the next. A prompt longer than this gets a pass alone.
@@ -68,6 +77,7 @@ class Batch:
     lookup: torch.Tensor  # [rows] subject-last-token position
     n_rewrite: int
     kl_last: torch.Tensor  # [n_requests] last position of each essence row
+    target_last: torch.Tensor  # [n_rewrite] each rewriting row's last target token (predicts what follows)
 
 
 def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str], device: Any) -> Batch:
@@ -87,12 +97,14 @@ def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequ
     enc = encode_pairs(tokenizer, prompts, targets + ["."] * len(requests), device)
     lookup = [subject_last_token(tokenizer, p, s) for p, s in zip(prompts, subjects, strict=True)]
     kl_last = [enc.prompt_lens[n_rewrite + i] - 1 for i in range(len(requests))]
+    target_last = [enc.prompt_lens[i] + len(enc.target_ids[i]) - 1 for i in range(n_rewrite)]
     return Batch(
         enc,
         torch.tensor(owner, device=device),
         torch.tensor(lookup, device=device),
         n_rewrite,
         torch.tensor(kl_last, device=device),
+        torch.tensor(target_last, device=device),
     )
 
 
@@ -134,30 +146,44 @@ def optimize_values_chunked(
 
 @dataclass
 class LossRows:
-    """Where the loss reads the model: each target token of the rewriting rows, then each essence
-    row's last prompt position (``target = -1``), with its weight and its request."""
+    """Where the loss reads the model: each target token of the rewriting rows, then the KL
+    positions (``target = -1``): each essence row's last prompt position and, with a continuation KL,
+    each rewriting row's last target token; with its weight, its request and (KL positions) its row of
+    the reference log-probabilities."""
 
     row: torch.Tensor
     col: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
     owner: torch.Tensor
+    ref_row: torch.Tensor  # reference row of each KL position (-1 elsewhere)
+    n_ref: int
 
 
-def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float) -> LossRows:
+def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continuation_kl: float = 0.0) -> LossRows:
     device = batch.owner.device
     rows, cols = batch.enc.target_positions()
     keep = rows < batch.n_rewrite
     rows, cols = rows[keep].to(device), cols[keep].to(device)
     tgt = batch.enc.flat_targets().to(device)[keep.to(device)]
     kl_rows = torch.arange(batch.n_rewrite, batch.n_rewrite + n, device=device)
+    kl_cols, kl_weights = batch.kl_last, torch.full((n,), kl_factor, device=device)
+    if continuation_kl > 0:
+        after = torch.arange(batch.n_rewrite, device=device)
+        kl_rows, kl_cols = torch.cat([kl_rows, after]), torch.cat([kl_cols, batch.target_last])
+        kl_weights = torch.cat(
+            [kl_weights, torch.full((batch.n_rewrite,), continuation_kl / n_templates, device=device)]
+        )
     row = torch.cat([rows, kl_rows])
+    n_ref = len(kl_rows)
     return LossRows(
         row,
-        torch.cat([cols, batch.kl_last]),
-        torch.cat([tgt, torch.full((n,), -1, device=device)]),
-        torch.cat([_token_weights(rows, batch, n, n_templates), torch.full((n,), kl_factor, device=device)]),
+        torch.cat([cols, kl_cols]),
+        torch.cat([tgt, torch.full((n_ref,), -1, device=device)]),
+        torch.cat([_token_weights(rows, batch, n, n_templates), kl_weights]),
         batch.owner[row],
+        torch.cat([torch.full((len(rows),), -1, device=device), torch.arange(n_ref, device=device)]),
+        n_ref,
     )
 
 
@@ -265,19 +291,20 @@ def optimize_values(
     device = model_device(model)
     batch = build_batch(tokenizer, requests, templates, device)
     n = len(requests)
-    loss = loss_rows(batch, n, len(templates), opts.kl_factor)
+    loss = loss_rows(batch, n, len(templates), opts.kl_factor, opts.continuation_kl_factor)
     modules = [get_module(model, s) for s in sites]
     deltas = [torch.zeros(n, _site_dim(model, arch, m), device=device, requires_grad=True) for m in modules]
     opt = torch.optim.Adam(deltas, lr=opts.v_lr)
     clamps = list(clamp_factors) if clamp_factors is not None else [opts.clamp_norm_factor] * len(sites)
     if len(clamps) != len(sites):
         raise ValueError(f"{len(clamps)} clamp factors for {len(sites)} sites")
-    # [n, V] the essence prompts' log-probabilities before the edit (filled at step 1)
-    ref = torch.empty(n, head_parts(model)[0].shape[0], device=device)
+    # [KL positions, V] the log-probabilities before the edit (filled at step 1)
+    ref = torch.empty(loss.n_ref, head_parts(model)[0].shape[0], device=device)
     init_norms: list[torch.Tensor] = []
     initial: list[torch.Tensor] = []
     active = torch.ones(n, dtype=torch.bool, device=device)
     nll_req = torch.zeros(n, device=device)
+    missed = torch.zeros(n, device=device)  # per request: target tokens not the most probable
     first = _first_rows(batch, n)
     chunks = _first_chunks(model, arch, batch, loss, prefix_layers, opts.tokens_per_pass)  # before the hooks
     hooks = [_AddAtFirst(m) for m in modules]
@@ -289,13 +316,16 @@ def optimize_values(
                 h.capture = [] if steps == 1 else None
             opt.zero_grad(set_to_none=True)
             nll_req = nll_req.index_fill(0, active.nonzero()[:, 0], 0.0)
+            missed = missed.index_fill(0, active.nonzero()[:, 0], 0.0)
             for c in chunks:
-                _chunk_step(model, c, hooks, deltas, loss, ref, nll_req, record=steps == 1)
+                _chunk_step(model, c, hooks, deltas, loss, ref, nll_req, missed, record=steps == 1)
             if steps == 1:
                 order = torch.cat([c.rows for c in chunks])
                 initial = [torch.cat(h.capture)[torch.argsort(order)][first] for h in hooks]
                 init_norms = [x.norm(dim=1) for x in initial]
             active = active & (nll_req > opts.early_stop_nll)
+            if opts.early_stop_most_probable:
+                active = active & (missed > 0)
             if not bool(active.any()) or steps == opts.v_num_grad_steps:
                 break
             with torch.enable_grad():
@@ -328,18 +358,22 @@ def _chunk_step(
     loss: LossRows,
     ref: torch.Tensor,
     nll_req: torch.Tensor,
+    missed: torch.Tensor,
     record: bool,
 ) -> None:
     """One pass: the chunk's rows forward with the deltas, their loss entries through the output
-    layer, backward into the deltas' gradients; each request's rewriting NLL is added to ``nll_req``."""
+    layer, backward into the deltas' gradients; each request's rewriting NLL is added to ``nll_req``,
+    its count of target tokens that are not the most probable to ``missed``."""
     for h, d in zip(hooks, deltas, strict=True):
         h.delta_rows = d[c.owner]
     with torch.enable_grad():
         hidden = c.runner()[c.local, c.col]
         tgt, owner, weight = loss.target[c.entries], loss.owner[c.entries], loss.weight[c.entries]
         is_kl = tgt < 0
-        per = head_loss(model, hidden, tgt, ref, owner[is_kl], record=record)
+        top = torch.ones(len(tgt), dtype=torch.bool, device=hidden.device)
+        per = head_loss(model, hidden, tgt, ref, loss.ref_row[c.entries][is_kl], record=record, top=top)
         nll_req.index_add_(0, owner[~is_kl], (per.detach() * weight)[~is_kl])
+        missed.index_add_(0, owner[~is_kl], (~top[~is_kl]).to(missed.dtype))
         (per * weight).sum().backward()
 
 

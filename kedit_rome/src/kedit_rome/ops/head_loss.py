@@ -48,6 +48,7 @@ class _HeadLoss(torch.autograd.Function):
         ref_rows: torch.Tensor | None,
         record: bool,
         chunk: int,
+        top: torch.Tensor | None,
     ) -> torch.Tensor:
         hf = h.detach().float()
         n, dim = hf.shape
@@ -90,6 +91,8 @@ class _HeadLoss(torch.autograd.Function):
                 z_t = z_t + bias[at].to(hf.device, torch.float32)
             l_t, s_t = _capped(z_t, cap)
             loss[rows] = lse[rows] - l_t
+            if top is not None:  # the target is the most probable token (its logit is the running max)
+                top[rows] = l_t >= m[rows] - 1e-4  # (a tie within rounding counts)
             grad[rows] = grad[rows] - (w_t if s_t is None else s_t[:, None] * w_t)
         if len(kl_idx):
             if use_ref:
@@ -107,7 +110,7 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         (grad,) = ctx.saved_tensors
-        return (grad_out[:, None] * grad).to(ctx.h_dtype), None, None, None, None, None, None, None, None
+        return (grad_out[:, None] * grad).to(ctx.h_dtype), *([None] * 9)
 
 
 def head_parts(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
@@ -125,12 +128,14 @@ def head_loss(
     ref_rows: torch.Tensor | None = None,
     record: bool = False,
     chunk: int = CHUNK,
+    top: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per row ``i`` of ``hidden`` ``[n, H]``: ``-log P(targets[i] | hidden[i])``, or, for the rows
     with ``targets[i] < 0`` (the j-th such row), ``KL(exp(ref[ref_rows[j]]) || P(. | hidden[i]))``
     with ``ref`` a ``[R, V]`` buffer of reference log-probabilities (``ref_rows`` defaults to
     ``0..``). ``record=True``: the KL rows give zero (with zero gradient, as at the reference point)
-    and their log-probabilities are written into ``ref[ref_rows]``. Differentiable w.r.t.
+    and their log-probabilities are written into ``ref[ref_rows]``. ``top`` (bool ``[n]``, optional) is
+    set, at the target rows, to whether the target is the most probable token. Differentiable w.r.t.
     ``hidden`` only; one pass over the output embedding."""
     weight, bias, cap = head_parts(model)
     n_kl = int((targets < 0).sum())
@@ -148,4 +153,5 @@ def head_loss(
         ref_rows,
         record,
         chunk,
+        top,
     )
