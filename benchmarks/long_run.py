@@ -39,7 +39,18 @@ TINY = {
         "mom2_n_tokens": 400,
         "context_template_length_params": [[4, 2]],
     },
+    "alphaedit": {
+        "layers": [2],
+        "v_num_grad_steps": 6,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 50.0,
+        "mom2_n_tokens": 400,
+        "context_template_length_params": [[4, 2]],
+        "nullspace_threshold": 0.5,
+        "nullspace_threshold_relative": True,
+    },
     "grace": {"layer": 2, "eps_init": 0.01, "lr": 0.5, "max_steps": 8, "stop_loss": 0.0},
+    "wise": {"layer": 2, "optimizer": "adam", "lr": 0.05, "max_steps": 8, "mask_ratio": 0.5, "stop_loss": 0.0},
     "melo": {
         "router_layer": 2,
         "lora_layers": [2, 3],

@@ -1,5 +1,7 @@
 """Evaluation on the paper's dimensions: reliability, generalization, locality, portability,
-fluency (and the CounterFact probability scores); efficiency is measured by the Editor.
+fluency (and the CounterFact probability scores); efficiency is measured by the Editor. Whether an edited
+model still models text at all -- perplexity on a held-out text, unchanged answers to unrelated prompts --
+is :mod:`.drift`.
 
 The evaluator (torch) loads on first use, so that the metric registry (``.metrics``) is importable by
 the command line without torch.
