@@ -378,13 +378,11 @@ def test_memit_batch_asking_one_prompt_for_two_targets_is_refused_before_any_wor
     assert not any(tmp_path.iterdir())  # refused before statistics or templates were computed
 
 
-def _logits_with(model, tok, arch, site, requests, templates, deltas):
-    """The rewriting rows' logits and batch, ``deltas`` added to the site's output at each row's subject
-    token (a full forward, no cached prefix)."""
+def _logits_with(model, tok, arch, site, batch, deltas):
+    """The logits of a value-optimization batch's rewriting rows, ``deltas`` added to the site's output at
+    each row's subject token (a full forward, no cached prefix)."""
     from kedit_core.architecture import get_module
-    from kedit_rome.value import build_batch
 
-    batch = build_batch(tok, requests, templates, "cpu")
     rows = torch.arange(batch.n_rewrite)
 
     def add(_m, _a, out):
@@ -396,14 +394,17 @@ def _logits_with(model, tok, arch, site, requests, templates, deltas):
     try:
         with torch.no_grad():
             ids, mask = batch.enc.input_ids[: batch.n_rewrite], batch.enc.attention_mask[: batch.n_rewrite]
-            return model(input_ids=ids, attention_mask=mask).logits, batch
+            return model(input_ids=ids, attention_mask=mask).logits
     finally:
         handle.remove()
 
 
 def _argmax_hits(model, tok, arch, site, requests, templates, deltas):
     """Per request: whether every target token is the argmax in every template, ``deltas`` added."""
-    logits, batch = _logits_with(model, tok, arch, site, requests, templates, deltas)
+    from kedit_rome.value import build_batch
+
+    batch = build_batch(tok, requests, templates, "cpu")
+    logits = _logits_with(model, tok, arch, site, batch, deltas)
     r, c = batch.enc.target_positions()
     keep = r < batch.n_rewrite
     hit = logits[r[keep], c[keep]].argmax(-1) == batch.enc.flat_targets()[keep]
@@ -441,13 +442,14 @@ def test_most_probable_early_stop_stops_each_request_once_greedy_says_its_target
 
 
 def test_continuation_kl_keeps_what_follows_the_target_as_it_was():
-    """With the continuation KL, the next-token distribution after the target (in every rewriting prompt)
-    stays much closer to the unedited model's than without it, and the target is still learned. A random
-    tiny model passes little from the subject to later positions (KL ~2e-4 without the term), so the
-    term's weight is large here; measured: 1.8e-4 without, 1.4e-5 with."""
+    """With the continuation KL, the next-token distribution after the target (in every rewriting prompt,
+    and with ``continuation_tokens`` along the unedited model's own greedy continuation) stays much
+    closer to the unedited model's than without it, and the target is still learned. A random tiny model
+    passes little from the subject to later positions (KL ~2e-4 without the term), so the term's weight
+    is large here; measured: 1.8e-4 without, 1.4e-5 with."""
     from kedit_core.request import EditRequest
     from kedit_rome.rome import ROMEHyperparams
-    from kedit_rome.value import optimize_values
+    from kedit_rome.value import build_batch, continue_rows, optimize_values
 
     model, tok = tiny_model("llama", dtype=torch.float64)
     arch = resolve_architecture(model)
@@ -456,20 +458,27 @@ def test_continuation_kl_keeps_what_follows_the_target_as_it_was():
     reqs = [EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris")]
     base = {"v_num_grad_steps": 30, "v_lr": 0.2, "clamp_norm_factor": 1e6, "early_stop_nll": 0.0}
     base |= {"v_weight_decay": 0.0, "kl_factor": 0.0}
+    span = 3
+    batch = build_batch(tok, reqs, templates, "cpu")
+    continue_rows(model, batch, span - 1)
+    rows = torch.arange(batch.n_rewrite).repeat_interleave(span)
+    cols = batch.target_last.repeat_interleave(span) + torch.arange(span).repeat(batch.n_rewrite)
 
-    def after_target_kl(delta):
-        edited, batch = _logits_with(model, tok, arch, site, reqs, templates, delta)
-        plain, _ = _logits_with(model, tok, arch, site, reqs, templates, torch.zeros_like(delta))
-        rows = torch.arange(batch.n_rewrite)
-        p, q = (torch.log_softmax(x[rows, batch.target_last], -1) for x in (plain, edited))
+    def kl_after_target(delta):
+        logits = [_logits_with(model, tok, arch, site, batch, x)[rows, cols] for x in (torch.zeros_like(delta), delta)]
+        p, q = (torch.log_softmax(x, -1) for x in logits)
         return float((p.exp() * (p - q)).sum(-1).mean())
 
-    runs = {
-        c: optimize_values(
-            model, tok, arch, reqs, templates, [site], 0, ROMEHyperparams(**base, continuation_kl_factor=c)
-        )
-        for c in (0.0, 1e4)
-    }
-    free, held = (after_target_kl(runs[c].deltas[0]) for c in (0.0, 1e4))
-    assert held < 0.25 * free
-    assert _argmax_hits(model, tok, arch, site, reqs, templates, runs[1e4].deltas[0]) == [True]
+    def run(c, tokens=1):
+        opts = ROMEHyperparams(**base, continuation_kl_factor=c, continuation_tokens=tokens)
+        return optimize_values(model, tok, arch, reqs, templates, [site], 0, opts).deltas[0]
+
+    free, held, along = (kl_after_target(run(*args)) for args in ((0.0,), (1e4,), (1e4, span)))
+    assert held < 0.5 * free
+    assert along < 0.5 * free
+    # the rows were continued with the unedited model's own greedy tokens
+    for r in range(batch.n_rewrite):
+        end = int(batch.target_last[r]) + 1
+        greedy = model.generate(batch.enc.input_ids[r : r + 1, :end], max_new_tokens=span - 1, do_sample=False)
+        assert batch.enc.input_ids[r, : end + span - 1].tolist() == greedy[0].tolist()
+    assert _argmax_hits(model, tok, arch, site, reqs, templates, run(1e4, span)) == [True]

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from kedit_core.architecture import ArchitectureSpec, get_module
-from kedit_core.ops.logits import model_device
+from kedit_core.ops.logits import logits_at, model_device
 from kedit_core.ops.tokens import encode_pairs, subject_last_token
 from kedit_core.request import EditRequest
 
@@ -62,6 +62,9 @@ class ValueOptions(BaseModel):
     #: next-token distribution is held to the unedited model's there (0: off). The rewriting loss alone
     #: lets the edited subject keep pushing the target after it was said ("Rome Rome Rome")
     continuation_kl_factor: float = Field(default=0.0, ge=0)
+    #: positions the continuation KL covers: the one after the target, then those of the unedited
+    #: model's greedy continuation of each rewriting prompt + target (loops can start a few tokens on)
+    continuation_tokens: int = Field(default=1, ge=1)
     #: suffix tokens (padding included) run through the model per forward/backward pass: bounds
     #: activation memory; each pass goes forward, through the
     #: output layer and backward before the next. A prompt longer than this gets a pass alone.
@@ -78,6 +81,7 @@ class Batch:
     n_rewrite: int
     kl_last: torch.Tensor  # [n_requests] last position of each essence row
     target_last: torch.Tensor  # [n_rewrite] each rewriting row's last target token (predicts what follows)
+    continued: int = 0  # tokens of the unedited model's greedy continuation after each rewriting row's target
 
 
 def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str], device: Any) -> Batch:
@@ -106,6 +110,24 @@ def build_batch(tokenizer: Any, requests: Sequence[EditRequest], templates: Sequ
         torch.tensor(kl_last, device=device),
         torch.tensor(target_last, device=device),
     )
+
+
+@torch.no_grad()
+def continue_rows(model: nn.Module, batch: Batch, tokens: int) -> None:
+    """Append to each rewriting row (prompt + target) ``tokens`` tokens of the model's greedy
+    continuation (the model as it is: unedited, before the deltas' hooks); the essence rows are
+    padded to the new width. ``batch.continued`` records how many."""
+    enc, n = batch.enc, batch.n_rewrite
+    ids = torch.cat([enc.input_ids, enc.input_ids.new_zeros(len(enc.input_ids), tokens)], 1)
+    mask = torch.cat([enc.attention_mask, enc.attention_mask.new_zeros(len(enc.input_ids), tokens)], 1)
+    rows = torch.arange(n, device=ids.device)
+    for j in range(tokens):
+        last = batch.target_last + j
+        logits = logits_at(model, ids[:n], mask[:n], rows, last)
+        ids[rows, last + 1] = logits.argmax(-1).to(ids.dtype)
+        mask[rows, last + 1] = 1
+    enc.input_ids, enc.attention_mask = ids, mask
+    batch.continued = tokens
 
 
 @dataclass
@@ -169,11 +191,13 @@ def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continua
     kl_rows = torch.arange(batch.n_rewrite, batch.n_rewrite + n, device=device)
     kl_cols, kl_weights = batch.kl_last, torch.full((n,), kl_factor, device=device)
     if continuation_kl > 0:
-        after = torch.arange(batch.n_rewrite, device=device)
-        kl_rows, kl_cols = torch.cat([kl_rows, after]), torch.cat([kl_cols, batch.target_last])
-        kl_weights = torch.cat(
-            [kl_weights, torch.full((batch.n_rewrite,), continuation_kl / n_templates, device=device)]
-        )
+        span = batch.continued + 1
+        after = torch.arange(batch.n_rewrite, device=device).repeat_interleave(span)
+        steps = torch.arange(span, device=device).repeat(batch.n_rewrite)
+        kl_rows = torch.cat([kl_rows, after])
+        kl_cols = torch.cat([kl_cols, batch.target_last.repeat_interleave(span) + steps])
+        weight = continuation_kl / n_templates / span
+        kl_weights = torch.cat([kl_weights, torch.full((len(after),), weight, device=device)])
     row = torch.cat([rows, kl_rows])
     n_ref = len(kl_rows)
     return LossRows(
@@ -290,6 +314,8 @@ def optimize_values(
     """
     device = model_device(model)
     batch = build_batch(tokenizer, requests, templates, device)
+    if opts.continuation_kl_factor > 0 and opts.continuation_tokens > 1:
+        continue_rows(model, batch, opts.continuation_tokens - 1)
     n = len(requests)
     loss = loss_rows(batch, n, len(templates), opts.kl_factor, opts.continuation_kl_factor)
     modules = [get_module(model, s) for s in sites]
