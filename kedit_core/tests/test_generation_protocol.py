@@ -46,6 +46,9 @@ def test_matches_hand_checked():
     assert not contains(" Paris.\n\nRome is", "Rome")  # the answer ends at the newline
     assert not exact_match(" anything", "") and not starts_with(" ", "Rome")
     assert normalize("The  Côte-d'Ivoire!") == "côte d ivoire"
+    # markup is not part of the answer; an angle bracket that opens no tag stays
+    assert exact_match(" <strong>actor</strong>.\n\nDino is", "actor")
+    assert normalize('<a href="x">Rome</a> <br/> 3 < 4 >') == "rome 3 4"
 
 
 def test_answer_text_stops_at_newline_and_sentence_end():

@@ -32,9 +32,13 @@ PHRASE_BREAKS = frozenset(
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+#: an HTML/XML tag in generated text (``<strong>actor</strong>``): markup, not words of the answer
+_MARKUP = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(\s[^<>]*)?/?>")
+
+
 def normalize(text: str) -> str:
-    """Lower case, NFKC, punctuation and the articles a/an/the removed, spaces collapsed."""
-    words = _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    """Lower case, NFKC, markup tags, punctuation and the articles a/an/the removed, spaces collapsed."""
+    words = _WORD.findall(_MARKUP.sub(" ", unicodedata.normalize("NFKC", text)).lower())
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
