@@ -26,6 +26,7 @@ HPARAMS = {
     "rome": {"layers": [1], **TINY_VALUE},
     "memit": {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE},
     "pmet": {"layers": [1, 2], "mom2_update_weight": 100.0, **TINY_VALUE},
+    "alphaedit": {"layers": [1, 2], "nullspace_threshold": 0.5, "nullspace_threshold_relative": True, **TINY_VALUE},
     "kn": {"steps": 4, "prompt_prefixes": ["", "Fact: "]},
     "mend": {"layers": [2, 3], "rank": 8},
     "ke": {"layers": [2, 3], "lstm_hidden": 8, "cond_dim": 8, "head_hidden": 8},

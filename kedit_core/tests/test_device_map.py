@@ -28,7 +28,7 @@ from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
 accelerate = pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[2]
-WEIGHT_METHODS = ("rome", "memit", "pmet", "kn", "mend", "ke", "ft-l", "ft-m")
+WEIGHT_METHODS = ("rome", "memit", "pmet", "alphaedit", "kn", "mend", "ke", "ft-l", "ft-m")
 PROMPT = tiny_requests()[0].prompt
 
 

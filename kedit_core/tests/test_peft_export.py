@@ -268,7 +268,7 @@ def _tiny_hparams() -> dict:
     return module.HPARAMS
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "kn", "mend", "ke", "ft-l", "ft-m"])
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "alphaedit", "kn", "mend", "ke", "ft-l", "ft-m"])
 def test_every_weight_editing_method_exports(method, rome_registry, tmp_path):
     """Every weight-delta method's patch, exported: low-rank ones exactly; dense ones as an SVD at full rank,
     which is exact to float32 rounding. The logits of the base model with the adapter equal the patched
