@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..ops.logits import final_hidden, head_logits, model_device
+from ..ops.tokens import pad_right
 from .answers import same_answer
 from .generation import greedy_continuations
 
@@ -74,12 +75,7 @@ def text_score(
     total, count = 0.0, 0
     for lo in range(0, len(windows), batch_size):
         batch = windows[lo : lo + batch_size]
-        width = max(len(w) for w in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, w in enumerate(batch):
-            ids[row, : len(w)] = torch.tensor(w)
-            mask[row, : len(w)] = 1
+        ids, mask = pad_right(batch, pad)
         hidden = final_hidden(model, ids.to(device), mask.to(device))
         # position t predicts token t + 1, for every real token but the window's last
         rows = torch.cat([torch.full((len(w) - 1,), r) for r, w in enumerate(batch)])

@@ -54,6 +54,17 @@ def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> tuple[list[
     return p_ids, t_ids
 
 
+def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded ``[B, T]`` batch (on the CPU) and its attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str], device: Any = "cpu") -> EncodedPairs:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs, plens, tids = [], [], []
@@ -62,12 +73,7 @@ def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str], device:
         seqs.append(p + t)
         plens.append(len(p))
         tids.append(t)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad)
     return EncodedPairs(ids.to(device), mask.to(device), plens, tids)
 
 
@@ -77,12 +83,7 @@ def encode_prompts(
     """Right-padded prompts (special tokens included); returns ids, mask and each prompt's length."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs = [tokenizer(p.rstrip())["input_ids"] for p in prompts]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad)
     return ids.to(device), mask.to(device), [len(s) for s in seqs]
 
 
