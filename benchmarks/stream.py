@@ -71,16 +71,9 @@ def tiny_hparams() -> dict[str, dict]:
 
 def shipped_requests(name: str) -> tuple[list[Any], list[int]]:
     """The requests of a shipped data set, one record at a time: (valid requests, indices skipped)."""
-    from kedit_core.datasets import resolve_data
-    from kedit_core.errors import RequestError
-    from kedit_core.request import requests_from_records
+    from kedit_core.trainer import read_training_requests
 
-    out, skipped = [], []
-    for i, rec in enumerate(json.loads(resolve_data(name).read_text(encoding="utf-8"))):
-        try:
-            out.extend(requests_from_records([rec]))
-        except RequestError:
-            skipped.append(i)
+    out, skipped, _ = read_training_requests(name)
     return out, skipped
 
 
@@ -194,8 +187,10 @@ def drift(setup: Setup) -> dict[str, float]:
 
 def means(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per metric, the mean over the rows that have it."""
+    from kedit_core.evaluate.metrics import mean
+
     names = sorted({k for row in rows for k, v in row.items() if v is not None})
-    return {k: sum(r[k] for r in rows if r.get(k) is not None) / sum(r.get(k) is not None for r in rows) for k in names}
+    return {k: mean([r.get(k) for r in rows]) for k in names}
 
 
 def prepare(setup: Setup, batches: dict[str, int]) -> None:

@@ -350,8 +350,9 @@ def split_validation(records: Sequence[Any], fraction: float, seed: int) -> tupl
     return train, val
 
 
-def load_training_requests(path: str | Path, limit: int | None = None) -> list[Any]:
-    """Edit requests of a training file, skipping (and counting) malformed records."""
+def read_training_requests(path: str | Path, limit: int | None = None) -> tuple[list[Any], list[int], Path]:
+    """Edit requests of a training file (a path or a shipped data set's name), one record at a time:
+    (requests, indices of the malformed records skipped, the file read)."""
     from .datasets import resolve_data
     from .request import _parse_records, requests_from_records
 
@@ -359,14 +360,20 @@ def load_training_requests(path: str | Path, limit: int | None = None) -> list[A
     if not path.is_file():
         raise RequestError(f"data file not found: {path}")
     records = _parse_records(path.read_text(encoding="utf-8"), path)[:limit]
-    out, bad = [], 0
-    for rec in records:
+    out, skipped = [], []
+    for i, rec in enumerate(records):
         try:
             out.extend(requests_from_records([rec]))
         except RequestError:
-            bad += 1
-    if bad:
-        log.warning("%s: skipped %d malformed record(s) of %d", path, bad, len(records))
+            skipped.append(i)
+    return out, skipped, path
+
+
+def load_training_requests(path: str | Path, limit: int | None = None) -> list[Any]:
+    """Edit requests of a training file, skipping (and counting) malformed records."""
+    out, skipped, path = read_training_requests(path, limit)
+    if skipped:
+        log.warning("%s: skipped %d malformed record(s) of %d", path, len(skipped), len(out) + len(skipped))
     if not out:
         raise RequestError(f"{path}: no usable records")
     return out

@@ -179,7 +179,11 @@ class LossRows:
     weight: torch.Tensor
     owner: torch.Tensor
     ref_row: torch.Tensor  # reference row of each KL position (-1 elsewhere)
-    n_ref: int
+
+    @property
+    def n_ref(self) -> int:
+        """KL positions, each with its own row of reference log-probabilities."""
+        return int((self.ref_row >= 0).sum())
 
 
 def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continuation_kl: float = 0.0) -> LossRows:
@@ -207,7 +211,6 @@ def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continua
         torch.cat([_token_weights(rows, batch, n, n_templates), kl_weights]),
         batch.owner[row],
         torch.cat([torch.full((len(rows),), -1, device=device), torch.arange(n_ref, device=device)]),
-        n_ref,
     )
 
 
