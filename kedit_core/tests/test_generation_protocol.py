@@ -16,7 +16,7 @@ from kedit_core.evaluate.answers import (
     starts_with,
 )
 from kedit_core.evaluate.generation import answer_complete, greedy_continuations, special_ids
-from kedit_core.evaluate.protocol import Reference
+from kedit_core.evaluate.protocol import KINDS, Generations, Reference, first_words, flag_degenerate, reference_of
 from kedit_core.request import EditRequest
 from kedit_core.testing import tiny_model, tiny_requests
 
@@ -186,6 +186,40 @@ def test_fluency_drop_against_the_reference_is_flagged():
     assert not any(f.startswith("fluency") for f in ev.last_generations[0].flags)
 
 
+UNEDITED = [
+    " the German carmaker in 1964, and it has been built in Stuttgart ever since by a large team",
+    " a sports car with a rear engine, sold in many countries and raced at Le Mans for decades",
+]
+
+
+def _fluency_generations(texts: list[str]) -> Generations:
+    g = Generations({k: [] for k in KINDS}, {k: [] for k in KINDS})
+    g.texts["fluency"], g.prompts["fluency"] = list(texts), ["Porsche 911, created by", "The 911 is"]
+    return g
+
+
+def test_a_continuation_that_ends_early_is_compared_at_its_own_length():
+    """An answer that stops ("Honda" and the end) is short, not disfluent: it is held to the unedited
+    continuation cut to the same words. A continuation as long as the unedited one is held to all of it."""
+    ref = reference_of(_request(), _fluency_generations(UNEDITED), [])
+    short = _fluency_generations([" Honda\n\n", " Honda\n\n"])
+    flag_degenerate(short, ref, 1.0)
+    assert short.flags == []
+    old = Reference(ref.locality_tokens, ref.locality_answers, ref.fluency, ref.repeating)  # saved without texts
+    flag_degenerate(short := _fluency_generations([" Honda\n\n", " Honda\n\n"]), old, 1.0)
+    assert [f for f in short.flags if f.startswith("fluency")]
+    babble = " the the car car the the car car the car the car the car the car the car the car"
+    full = _fluency_generations([babble, babble])
+    flag_degenerate(full, ref, 1.0)
+    assert [f for f in full.flags if f.startswith("fluency")]
+
+
+def test_first_words_cuts_after_the_nth_word_token():
+    assert first_words(" Honda, in 1998. It was", 2) == " Honda,"
+    assert first_words(" Honda", 5) == " Honda"
+    assert first_words(" Honda", 0) == ""
+
+
 def test_locality_compares_with_the_unedited_answers():
     model, tok = tiny_model("gpt2")
     ev = Evaluator(model, tok, max_new_tokens=6)
@@ -200,7 +234,7 @@ def test_locality_compares_with_the_unedited_answers():
 
 
 def test_reference_round_trips_and_reads_old_runs():
-    ref = Reference([[1, 2]], ["Tokyo"], 4.5, ["p"])
+    ref = Reference([[1, 2]], ["Tokyo"], 4.5, ["p"], [" a continuation"])
     assert Reference.from_dict(ref.to_dict()) == ref
     assert Reference.from_dict([[1, 2]]) == Reference([[1, 2]])
 

@@ -121,6 +121,39 @@ def test_generate_decides_the_scope_on_the_prompt(tiny):
     )  # a forward is routed
 
 
+def test_a_memory_stop_ends_routed_rows_only(tiny):
+    """A stop text ends a routed row's continuation right where it appears (a prefix of the run without
+    it); a row out of scope in the same batch runs to its budget, exactly as the base model's."""
+    model, tok = tiny
+    side = tok.padding_side
+    tok.padding_side = "left"
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    enc = tok([IN_SCOPE, OUT_OF_SCOPE], return_tensors="pt", padding=True)
+    n = enc["input_ids"].shape[1]
+    context = "Rome Rome Rome Rome.\n"
+    try:
+        base = model.generate(**enc, **kw)[:, n:]
+        detach = attach_memory(model, tok, fixed_memory(context, "Eiffel"))
+        try:
+            free = model.generate(**enc, **kw)[:, n:]
+        finally:
+            detach()
+        # the first new token (after the first) whose text was not yet written: the row must end with it
+        j = next(j for j in range(1, 8) if tok.decode(free[0, j]) not in tok.decode(free[0, :j]))
+        stop = tok.decode(free[0, j])
+        memory = Memory([context], fixed_memory(context, "Eiffel").route, (stop,))
+        detach = attach_memory(model, tok, memory)
+        try:
+            stopped = model.generate(**enc, **kw)[:, n:]
+        finally:
+            detach()
+    finally:
+        tok.padding_side = side
+    assert stopped[0, : j + 1].tolist() == free[0, : j + 1].tolist()
+    assert set(stopped[0, j + 1 :].tolist()) <= {tok.pad_token_id}  # nothing written after the stop
+    assert stopped[1].tolist() == base[1].tolist() == free[1].tolist()  # out of scope: the base model, full budget
+
+
 def test_detach_is_exact_and_lifo(tiny):
     model, tok = tiny
     keys_before = set(model.__dict__)

@@ -19,7 +19,7 @@ the pool shipped in the package (training records only).
 from __future__ import annotations
 
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -59,6 +59,10 @@ class IKEHyperparams(Hyperparams):
     #: which inputs read an edit's context: those naming the edited subject ("subject"; the others
     #: run on the base model unchanged), or every input ("all", the paper)
     scope: Literal["subject", "all"] = "subject"
+    #: texts that end the continuation of an input reading an edit's context, in ``generate``: the
+    #: demonstrations' separator and the head of a new demonstration (the model otherwise writes the
+    #: in-context format on after its answer); empty: no stop
+    stops: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["\n\n", "New Fact:"])
     batch_size: int = Field(default=1, ge=1)
 
 
@@ -94,6 +98,7 @@ class IKE(EditMethod):
                 "encoder": ENCODER_ID,
                 "contexts": contexts,
                 "scope": hparams.scope,
+                "stops": list(hparams.stops),
                 "subjects": [r.subject for r in requests],
                 "pool": {"source": pool_file or "", "records": len(pool)},
             },
@@ -116,13 +121,16 @@ class IKE(EditMethod):
         if keys is None or keys.shape[0] != len(contexts) or not contexts:
             raise PatchError(f"IKE patch {patch.patch_id} needs one memory key per context")
         scope = extra.get("scope", "all")  # patches written before the scope gate read every input
+        stops = extra.get("stops", [])  # patches written before the stops run on
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise PatchError(f"IKE patch {patch.patch_id}: stops must be a list of non-empty texts")
         if scope == "all":
-            return attach_memory(target.model, tokenizer, Memory(contexts, nearest_router(keys)))
+            return attach_memory(target.model, tokenizer, Memory(contexts, nearest_router(keys), tuple(stops)))
         subjects = extra.get("subjects")
         if scope != "subject" or not isinstance(subjects, list) or len(subjects) != len(contexts):
             raise PatchError(f"IKE patch {patch.patch_id}: scope {scope!r} needs one subject per context")
         route = subject_router([str(s) for s in subjects], keys, lambda texts: shared_encoder().embed(texts))
-        return attach_memory(target.model, tokenizer, Memory(contexts, route))
+        return attach_memory(target.model, tokenizer, Memory(contexts, route, tuple(stops)))
 
 
 def packaged_pool() -> str:

@@ -12,7 +12,10 @@ It is installed as a forward hook on ``model.base_model`` (so ``model(...)`` and
 ``generate`` that turns the KV cache off (each step then re-reads the whole row). Within one
 ``generate`` call the scope is decided once, on the prompts (the first forward): a prompt out of
 scope is continued by the base model alone even if its continuation comes to name an edit, and
-one in scope keeps its edit. Removing the last memory removes the hook and the ``generate``
+one in scope keeps its edit. A memory may name stop texts (IKE: its demonstrations' separator): a
+row routed to it ends, inside ``generate``, once its continuation contains one -- the in-context
+format would otherwise be written on after the answer (a new "New Fact: ..." block). Rows out of
+scope are never stopped by it. Removing the last memory removes the hook and the ``generate``
 attribute: the model is as it was.
 
 The tokenizer that reads the rows and encodes the contexts is the one the patch is applied with
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kedit_core.errors import PatchError
 
@@ -51,11 +55,13 @@ def require_tokenizer(tokenizer: Any, what: str) -> Any:
 class Memory:
     """One applied memory patch: contexts and a scope rule.
 
-    ``route(texts)`` returns, per text, ``(edit index, score)`` or ``None`` when out of scope.
+    ``route(texts)`` returns, per text, ``(edit index, score)`` or ``None`` when out of scope;
+    ``stops``: texts that end a routed row's continuation in ``generate`` (none: it runs on).
     """
 
     contexts: list[str]
     route: Callable[[list[str]], list[tuple[int, float] | None]]
+    stops: tuple[str, ...] = ()
     context_ids: list[list[int]] = field(default_factory=list)
     kv: dict[int, Any] = field(default_factory=dict, repr=False)
 
@@ -76,6 +82,10 @@ class MemoryRouter:
 
         def generate(*args: Any, **kwargs: Any) -> Any:
             kwargs["use_cache"] = False
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and any(m.stops for m in self.memories):
+                given = kwargs.get("stopping_criteria") or []
+                kwargs["stopping_criteria"] = StoppingCriteriaList([*given, _MemoryStop(self, ids.shape[1])])
             outer = self._generating, self._pinned
             self._generating, self._pinned = True, None
             try:
@@ -241,6 +251,24 @@ class MemoryRouter:
             return (new_hidden, *output[1:])
         output["last_hidden_state"] = new_hidden
         return output
+
+
+class _MemoryStop(StoppingCriteria):
+    """Ends each row of a ``generate`` call routed to a memory with stop texts once its new text holds one."""
+
+    def __init__(self, router: MemoryRouter, prompt_len: int) -> None:
+        self.router, self.prompt_len = router, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        pinned = self.router._pinned
+        if pinned is None or len(pinned) != input_ids.shape[0]:
+            return done
+        for i, choice in enumerate(pinned):
+            if choice is not None and choice[0].stops:
+                text = self.router.tokenizer.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
+                done[i] = any(stop in text for stop in choice[0].stops)
+        return done
 
 
 def _cache_kw(module: nn.Module) -> str:

@@ -8,6 +8,9 @@ greedy decoding gives the same tokens either way). A request is
 *degenerate* when any of its continuations holds a special/control token, repeats a word n-gram three
 times in a row where the unedited model's continuation of the same prompt does not, or when the n-gram
 entropy of its fluency continuations falls more than ``fluency_drop`` bits below the unedited model's.
+A fluency continuation that ended early (EOS, or a method's own stop such as IKE's) is compared with the
+unedited model's continuation cut to the same number of words: n-gram entropy grows with length, and
+an answer that stops is short, not disfluent.
 A degenerate request scores 0 on every generation-scored success metric (reliability, generalization,
 portability), whatever its answer span says.
 """
@@ -20,7 +23,7 @@ from typing import Any
 from ..request import EditRequest
 from .answers import MATCHES, exact_match, repeated_ngram, same_answer
 from .generation import Continuation, greedy_continuations
-from .metrics import mean, ngram_entropy
+from .metrics import WORD_RE, mean, ngram_entropy
 
 KINDS = ("reliability", "generalization", "portability", "locality", "fluency")
 
@@ -35,6 +38,8 @@ class Reference:
     locality_answers: list[str] | None = None
     fluency: float | None = None
     repeating: list[str] = field(default_factory=list)
+    #: the fluency continuations themselves (a shorter edited one is compared with them cut to its length)
+    fluency_texts: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +47,7 @@ class Reference:
             "locality_answers": self.locality_answers,
             "fluency": self.fluency,
             "repeating": self.repeating,
+            "fluency_texts": self.fluency_texts,
         }
 
     @classmethod
@@ -53,6 +59,7 @@ class Reference:
             data.get("locality_answers"),
             data.get("fluency"),
             data.get("repeating", []),
+            data.get("fluency_texts"),
         )
 
 
@@ -131,11 +138,30 @@ def generate_all(evaluator: Any, requests: list[EditRequest]) -> list[Generation
 def reference_of(request: EditRequest, g: Generations, tokens: list[list[int]]) -> Reference:
     """The unedited model's reference for a request, from its own generations."""
     repeating = [p for kind in KINDS for p, t in zip(g.prompts[kind], g.texts[kind], strict=True) if repeated_ngram(t)]
-    return Reference(tokens, g.texts["locality"], mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)]), repeating)
+    fluency = mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)])
+    return Reference(tokens, g.texts["locality"], fluency, repeating, list(g.texts["fluency"]))
 
 
 def _fluency(g: Generations) -> list[tuple[str, str]]:
     return list(zip(g.prompts["fluency"], g.texts["fluency"], strict=True))
+
+
+def reference_fluency(g: Generations, ref: Reference) -> float | None:
+    """The unedited model's fluency to hold ``g``'s against: per prompt, its continuation cut to the
+    words of ``g``'s where that one is shorter (ended early); the stored mean for references saved
+    without their texts."""
+    if ref.fluency_texts is None or len(ref.fluency_texts) != len(g.texts["fluency"]):
+        return ref.fluency
+    values = []
+    for (p, t), u in zip(_fluency(g), ref.fluency_texts, strict=True):
+        values.append(ngram_entropy(p + " " + first_words(u, len(WORD_RE.findall(t)))))
+    return mean(values)
+
+
+def first_words(text: str, n: int) -> str:
+    """``text`` up to the end of its ``n``-th word token (:data:`WORD_RE`); all of it if it has fewer."""
+    ends = [m.end() for m in WORD_RE.finditer(text)]
+    return text if n >= len(ends) else text[: ends[n - 1]] if n > 0 else ""
 
 
 def flag_degenerate(g: Generations, ref: Reference | None, fluency_drop: float) -> None:
@@ -147,10 +173,11 @@ def flag_degenerate(g: Generations, ref: Reference | None, fluency_drop: float) 
             if gram and p not in seen:
                 g.flags.append(f"repeats {gram!r}: {t.strip()[:80]!r}")
                 seen.add(p)
-    if ref is not None and ref.fluency is not None:
+    before = reference_fluency(g, ref) if ref is not None else None
+    if before is not None:
         now = mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)]) or 0.0
-        if now < ref.fluency - fluency_drop:
-            g.flags.append(f"fluency {now:.2f} < unedited {ref.fluency:.2f} - {fluency_drop:g}")
+        if now < before - fluency_drop:
+            g.flags.append(f"fluency {now:.2f} < unedited {before:.2f} - {fluency_drop:g}")
     g.flags[:] = list(dict.fromkeys(g.flags))
 
 
