@@ -1,5 +1,7 @@
 """benchmarks/stream.py end to end on the tiny random LLaMA: the stream, the checkpoints, the JSON and
-the figure; and a stream of no edits, whose measurements must equal the unedited model's."""
+the figure; and a stream of no edits, whose measurements must equal the unedited model's. Also
+benchmarks/null_space_share.py (AlphaEdit's null space against the stream's edit keys): shares are
+fractions of energy, a cutoff above every eigenvalue reaches everything."""
 
 import importlib.util
 import json
@@ -8,18 +10,29 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def stream():
-    spec = importlib.util.spec_from_file_location("stream_benchmark", ROOT / "benchmarks" / "stream.py")
+def _script(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stream():
+    yield _script("stream_benchmark", "stream.py")
+    sys.modules.pop("stream_benchmark", None)
+
+
+@pytest.fixture(scope="module")
+def null_space():
+    yield _script("null_space_share_benchmark", "null_space_share.py")
+    sys.modules.pop("null_space_share_benchmark", None)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +110,26 @@ def test_a_stream_of_no_edits_measures_the_unedited_model(stream, registry, tmp_
     assert [(p["edits"], p["sample"]) for p in run["checkpoints"]] == [(0, 0)]
     assert run["perplexity_after"] == run["perplexity_before"] == report["unedited"]["perplexity"]
     assert run["unchanged_share"] == 1.0
+
+
+def test_share_is_the_fraction_of_energy_in_the_basis(null_space):
+    basis = torch.eye(3, dtype=torch.float64)[:, :1]  # the first axis
+    keys = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    assert null_space.share(keys, basis) == pytest.approx((9 / 25 + 0.0) / 2)
+    assert null_space.share(keys, basis[:, :0]) == 0.0
+
+
+def test_tiny_run_reports_fractions_per_threshold(null_space, registry, tmp_path):
+    out = tmp_path / "share.json"
+    report = null_space.main(["--model", "tiny", "--n", "6", "--thresholds", "1000,0.001,0.0", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    [layer] = report["layers"]
+    assert layer["edit_keys"] == 6 and layer["text_tokens"] > 100
+    everything, some, none = layer["rows"]
+    assert everything["dims"] == layer["d_in"]
+    for key in ("corpus", "edit_keys", "heldout_text"):
+        assert everything[key] == pytest.approx(1.0)
+        assert none[key] == 0.0
+        assert 0.0 <= some[key] <= 1.0 + 1e-9
+    assert none["dims"] == 0 and none["ratio"] is None
+    assert everything["ratio"] == pytest.approx(1.0)
