@@ -51,6 +51,9 @@ def test_ike_on_gemma_with_no_arguments(shipped_data):
     assert report["metrics"]["reliability"] >= 0.9
     assert report["metrics"]["efficacy_score"] == 1.0
     assert report["metrics_pre"]["reliability"] < 0.5
+    # what the edited model says: the new answer, then the stop at the demonstrations' separator (no
+    # "New Fact: ..." written on after it, which the degeneracy check used to flag)
+    assert report["metrics"]["gen_reliability"] == 1.0 and report["metrics"]["degenerate"] == 0.0
     assert {"generalization", "locality", "neighborhood_score"} <= set(report["metrics"])
     assert result.patches[0].metadata["extra"]["pool"]["records"] == 2998
     assert state_fingerprint(editor.model) == before
