@@ -8,7 +8,8 @@ shrinks, and any other text is moved in proportion to *its* share. The projectio
 general only where edit keys hold a much larger share than that text does; where the two shares are
 alike, AlphaEdit cannot keep text from moving any better than MEMIT's ``lambda C`` does.
 
-For the method's preset (its critical layers, context templates and statistics corpus), per threshold:
+For the method's preset (its critical layers, context templates and statistics corpus), per threshold
+(times the mean eigenvalue where the preset's threshold is relative, as AlphaEdit reads it):
 the null space's dimension, the statistics corpus's own share (its eigenvalues below the cutoff over the
 trace), the mean share of the edit keys of the stream's first ``--n`` requests (``benchmarks/stream.py``:
 training records, keys averaged over the templates as AlphaEdit computes them) and of every token of
@@ -45,20 +46,18 @@ def _stream_module() -> Any:
 
 
 def text_keys(model: Any, tokenizer: Any, module: torch.nn.Module, text: str, window: int = 128) -> torch.Tensor:
-    """``[T, d_in]``: the module's input at every token of ``text`` (windows of ``window`` tokens, the
-    first position of each -- BOS -- left out)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, args, _o: seen.append(args[0][0].detach()))
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(ids), window - len(bos)):
-                row = bos + ids[lo : lo + window - len(bos)]
-                model(input_ids=torch.tensor([row], device=next(model.parameters()).device))
-    finally:
-        handle.remove()
-    return torch.cat([k[len(bos) :] for k in seen]).double().cpu()
+    """``[T, d_in]``: the module's input at every token of ``text`` (the held-out perplexity's windows of
+    ``window`` tokens, :func:`kedit_core.evaluate.drift.text_windows`; each window's BOS left out)."""
+    from kedit_core.evaluate.drift import text_windows
+    from kedit_core.ops.hooks import capture, stop_after
+
+    device = next(model.parameters()).device
+    skip = int(tokenizer.bos_token_id is not None)
+    with torch.no_grad(), capture(module) as seen:
+        for row in text_windows(tokenizer, text, window):
+            with stop_after(module):
+                model(input_ids=torch.tensor([row], device=device))
+    return torch.cat([k[0, skip:] for k in seen]).double().cpu()
 
 
 def share(keys: torch.Tensor, basis: torch.Tensor) -> float:
@@ -78,6 +77,7 @@ def measure(
     from kedit_core.models import cache_dir, model_fingerprint
     from kedit_rome.common import Statistics
     from kedit_rome.ops.keys import compute_keys
+    from kedit_rome.ops.null_space import NullSpaceRule, eigendecomposition
 
     model, tokenizer, info = setup
     hparams = Editor(method, model, tokenizer, hparams=hparams, model_info=info).hparams
@@ -90,8 +90,8 @@ def measure(
     templates = stats.templates(model, tokenizer, hparams, ctx)
     layers = []
     for layer in hparams.layers:
-        c = stats.second_moment(model, tokenizer, arch, [layer], hparams, ctx)[layer].double().cpu()
-        values, vectors = torch.linalg.eigh(c)
+        c = stats.second_moment(model, tokenizer, arch, [layer], hparams, ctx)[layer].cpu()
+        values, vectors = eigendecomposition(c)
         edit = (
             compute_keys(
                 model, tokenizer, arch, layer, [r.prompt for r in requests], [r.subject for r in requests], templates
@@ -101,9 +101,10 @@ def measure(
         )
         text = text_keys(model, tokenizer, arch.module(model, layer, arch.mlp_out), heldout_text())
         rows = []
+        relative = getattr(hparams, "nullspace_threshold_relative", False)
         for t in thresholds:
-            below = values < t
-            basis = vectors[:, below]
+            below = values < NullSpaceRule(t, relative).cutoff(values)
+            basis = vectors[:, below].double()
             e, h = share(edit, basis), share(text, basis)
             corpus = float(values[below].clamp_min(0).sum() / values.clamp_min(0).sum())
             rows.append(

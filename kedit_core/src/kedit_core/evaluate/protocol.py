@@ -138,12 +138,16 @@ def generate_all(evaluator: Any, requests: list[EditRequest]) -> list[Generation
 def reference_of(request: EditRequest, g: Generations, tokens: list[list[int]]) -> Reference:
     """The unedited model's reference for a request, from its own generations."""
     repeating = [p for kind in KINDS for p, t in zip(g.prompts[kind], g.texts[kind], strict=True) if repeated_ngram(t)]
-    fluency = mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)])
-    return Reference(tokens, g.texts["locality"], fluency, repeating, list(g.texts["fluency"]))
+    return Reference(tokens, g.texts["locality"], fluency_of(_fluency(g)), repeating, list(g.texts["fluency"]))
 
 
 def _fluency(g: Generations) -> list[tuple[str, str]]:
     return list(zip(g.prompts["fluency"], g.texts["fluency"], strict=True))
+
+
+def fluency_of(pairs: list[tuple[str, str]]) -> float | None:
+    """Mean n-gram entropy of ``prompt + " " + continuation`` over ``(prompt, continuation)`` pairs."""
+    return mean([ngram_entropy(p + " " + t) for p, t in pairs])
 
 
 def reference_fluency(g: Generations, ref: Reference) -> float | None:
@@ -152,10 +156,8 @@ def reference_fluency(g: Generations, ref: Reference) -> float | None:
     without their texts."""
     if ref.fluency_texts is None or len(ref.fluency_texts) != len(g.texts["fluency"]):
         return ref.fluency
-    values = []
-    for (p, t), u in zip(_fluency(g), ref.fluency_texts, strict=True):
-        values.append(ngram_entropy(p + " " + first_words(u, len(WORD_RE.findall(t)))))
-    return mean(values)
+    pairs = zip(_fluency(g), ref.fluency_texts, strict=True)
+    return fluency_of([(p, first_words(u, len(WORD_RE.findall(t)))) for (p, t), u in pairs])
 
 
 def first_words(text: str, n: int) -> str:
@@ -175,7 +177,7 @@ def flag_degenerate(g: Generations, ref: Reference | None, fluency_drop: float) 
                 seen.add(p)
     before = reference_fluency(g, ref) if ref is not None else None
     if before is not None:
-        now = mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)]) or 0.0
+        now = fluency_of(_fluency(g)) or 0.0
         if now < before - fluency_drop:
             g.flags.append(f"fluency {now:.2f} < unedited {before:.2f} - {fluency_drop:g}")
     g.flags[:] = list(dict.fromkeys(g.flags))
@@ -202,5 +204,5 @@ def score(request: EditRequest, g: Generations, ref: Reference | None) -> dict[s
             pairs = zip(g.texts["locality"], items["locality"], strict=True)
             m["gen_locality"] = mean([float(exact_match(t, a)) for t, (_, a) in pairs])
     m["degenerate"] = 1.0 - ok
-    m["fluency"] = mean([ngram_entropy(p + " " + t) for p, t in _fluency(g)]) or 0.0
+    m["fluency"] = fluency_of(_fluency(g)) or 0.0
     return m
