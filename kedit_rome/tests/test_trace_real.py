@@ -70,3 +70,19 @@ def test_mlp_profile_at_the_subject_last_token(gemma):
     assert all(f["clean_prob"] > f["corrupted_prob"] for f in prof.per_fact)
     # the early-site MLPs (layers 2-6) matter, the last ones do not
     assert max(prof.mean_effect[2:7]) > 0.1 and max(prof.mean_effect[14:]) < 0.05
+
+
+def test_trace_layers_command(gemma, tmp_path):
+    from click.testing import CliRunner
+
+    from kedit_rome.cli import trace_layers
+
+    out = CliRunner().invoke(trace_layers, ["--facts", "1", "--samples", "2", "--out", str(tmp_path / "p.json")])
+    assert out.exit_code == 0, out.output
+    profile = json.loads((tmp_path / "p.json").read_text())
+    effect = profile["mean_effect"]
+    assert profile["n_facts"] == 1 and len(effect) == 18 and out.output.count("\n") >= 20
+    fact = profile["per_fact"][0]
+    assert fact["clean_prob"] >= 0.05 and fact["answer"].strip() not in fact["subject"]
+    # the early-site MLPs carry the fact, the last layers do not
+    assert max(effect[:10]) > 5 * max(max(effect[14:]), 1e-4)

@@ -111,3 +111,48 @@ def trace(
             )
     if as_json:
         click.echo(json.dumps(report if len(report) > 1 else report[0], indent=1))
+
+
+@click.command("trace-layers")
+@click.option(
+    "--model", default="gemma3-270m", show_default=True, help="A built-in key, HF directory, .gguf file or id."
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--data", default="counterfact", show_default=True, help="Records to take known facts from.")
+@click.option("--facts", default=12, show_default=True, type=click.IntRange(1), help="Known facts to average over.")
+@click.option("--kind", type=click.Choice(["hidden", "mlp", "attn"]), default="mlp", show_default=True)
+@click.option("--window", default=4, show_default=True, type=click.IntRange(1), help="Layers restored together.")
+@click.option("--samples", default=10, show_default=True, type=click.IntRange(1), help="Noise samples per fact.")
+@click.option("--out", "out", default=None, help="Write the profile (per-fact effects included) as JSON here.")
+def trace_layers(
+    model: str, device: str, dtype: str, data: str, facts: int, kind: str, window: int, samples: int, out: str | None
+) -> None:
+    """Which layers to edit: the mean indirect effect at the subject's last token over facts the model knows
+    (ROME paper, Fig. 2), one row per layer."""
+    from pathlib import Path
+
+    from kedit_core.models import load_model
+    from kedit_core.progress import step
+    from kedit_core.request import load_requests
+
+    from .trace.profile import known_facts, subject_last_profile
+
+    requests = load_requests(data)
+    with step(f"loading {model}"):
+        lm, tokenizer, _ = load_model(model, device=device, dtype=dtype)
+    candidates = ((r.prompt, r.subject, r.ground_truth) for r in requests if r.ground_truth)
+    with step(f"choosing {facts} facts the model knows from {data}"):
+        chosen = known_facts(lm, tokenizer, candidates, facts)
+    if not chosen:
+        raise KeditError(f"the model knows none of the facts in {data} (P(true answer) >= 0.05, rank < 3)")
+    with step(f"tracing {len(chosen)} facts ({kind}, window {window}, {samples} samples)"):
+        profile = subject_last_profile(lm, tokenizer, chosen, kind=kind, window=window, samples=samples, progress=True)
+    top = max(max(profile.mean_effect), 1e-9)
+    click.echo(f"{kind} window {profile.window}, {profile.n_facts} facts: mean indirect effect by layer")
+    for layer, (e, ne) in enumerate(zip(profile.mean_effect, profile.mean_normalized_effect, strict=True)):
+        click.echo(f"{layer:4d} {e:7.3f} {ne:7.3f} {'#' * round(30 * max(e, 0) / top)}")
+    click.echo(f"peak layers: {profile.peak_layers()}")
+    if out:
+        Path(out).write_text(json.dumps({"model": model, "data": data, **profile.to_json()}, indent=1) + "\n")
+        click.echo(f"wrote {out}")

@@ -14,6 +14,7 @@ def register_methods(register):
 
 @hookimpl
 def register_commands(cli):
-    from .cli import trace
+    from .cli import trace, trace_layers
 
     cli.add_command(trace)
+    cli.add_command(trace_layers)

@@ -105,8 +105,11 @@ def compute_second_moments(
 
     def collect(layer: int) -> Any:
         def hook(_m: nn.Module, args: Any, _out: Any) -> None:
-            k = args[0][masks[-1]].double()
-            sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
+            # one batch's sum in fp32 (2k rows: relative error ~1e-7, Qwen2.5 0.5B layer 5), the running sum in
+            # fp64; fp64 matmuls took 39 s of the 122 s of 40k tokens there, fp32 23 s
+            k = args[0][masks[-1]].float()
+            kk = (k.T @ k).double()
+            sums[layer] = sums[layer] + kk if layer in sums else kk
             counts[layer] += k.shape[0]
 
         return hook
