@@ -42,3 +42,19 @@ def test_fingerprint_tracks_weights():
     b, _ = tiny_model("llama", seed=0)
     c, _ = tiny_model("llama", seed=1)
     assert model_fingerprint(a) == model_fingerprint(b) != model_fingerprint(c)
+
+
+def test_tokenizer_build_tables_are_released_and_it_still_works(tmp_path):
+    import transformers as tf
+
+    from kedit_core.models import release_build_tables
+
+    vocab = {"a": 0, "b": 1, "ab": 2, "\u0120": 3, "<|endoftext|>": 4}
+    tok = tf.Qwen2Tokenizer(vocab=dict(vocab), merges=[("a", "b")])
+    ids, text = tok("ab a")["input_ids"], tok.decode([2, 3, 0])
+    release_build_tables(tok)
+    assert tok._vocab == {} and tok._merges == []  # the Python copies transformers keeps of them
+    assert tok("ab a")["input_ids"] == ids == [2, 3, 0] and tok.decode([2, 3, 0]) == text == "ab a"
+    assert tok.get_vocab() == vocab
+    tok.save_pretrained(tmp_path)  # saved through the Rust tokenizer: the merge survives
+    assert tf.AutoTokenizer.from_pretrained(tmp_path)("ab a")["input_ids"] == ids
