@@ -1,0 +1,59 @@
+"""benchmarks/conformance.py and benchmarks/prompt_format.py on the tiny random LLaMA: a method that runs
+gives a row of scores with the model restored, one that cannot is a row with its error; the prompt-format
+scores are shares of matching answers."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from kedit_core.models import ModelInfo
+from kedit_core.request import EditRequest
+from kedit_core.testing import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def conformance():
+    import kedit_ft.plugin
+    from kedit_core.plugins import reset_registry
+
+    reg = reset_registry(autoload=False)
+    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
+    yield _script("conformance_benchmark", "conformance.py")
+    sys.modules.pop("conformance_benchmark", None)
+    reset_registry()
+
+
+def test_conformance_rows(conformance, monkeypatch, tmp_path):
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path))
+    model, tok = tiny_model("llama")
+    loaded = (model, tok, ModelInfo(id="tiny", key="tiny", source="in-memory"))
+    req = EditRequest(prompt="The Eiffel Tower is located in", subject="The Eiffel Tower", target_new="Rome")
+    ok = conformance.run_method("ft-l", loaded, [req], generation=False)
+    assert ok["runs"] and ok["restored"] and ok["metrics"]["reliability"] >= ok["metrics_pre"]["reliability"]
+    assert ok["hparams"]["method"] == "ft-l" and ok["time_per_edit_s"] > 0
+    bad = conformance.run_method("no-such-method", loaded, [req], generation=False)
+    assert not bad["runs"] and bad["error"].startswith("UnknownMethod")
+    table = conformance.table([ok, bad]).splitlines()
+    assert table[0].startswith("| method | runs | ES |") and len(table) == 4
+    assert table[2].startswith("| ft-l | yes |") and table[3].startswith("| no-such-method | no: UnknownMethod")
+
+
+def test_prompt_format_scores():
+    pf = _script("prompt_format_benchmark", "prompt_format.py")
+    try:
+        scores = pf.score([" Paris, France.", " the city of Paris", " Rome"], ["Paris", "Paris", "Paris"])
+        assert scores == {"exact": 1 / 3, "starts": 1 / 3, "contains": 2 / 3}
+    finally:
+        sys.modules.pop("prompt_format_benchmark", None)
