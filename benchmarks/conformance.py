@@ -60,6 +60,12 @@ def run_method(name: str, loaded: tuple, requests: list, generation: bool) -> di
 def table(rows: list[dict]) -> str:
     head = "| method | runs | " + " | ".join(c for c, _ in COLUMNS) + " | s/edit |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    ran = [row for row in rows if row["runs"]]
+    if ran:  # every method scored the same requests on the same unedited model
+        pre = ran[0]["metrics_pre"]
+        lines.append(
+            "| unedited model | - | " + " | ".join(f"{pre[k]:.2f}" if k in pre else "-" for _, k in COLUMNS) + " | - |"
+        )
     for row in rows:
         if not row["runs"]:
             lines.append(f"| {row['method']} | no: {row['error'][:60]} |" + " |" * (len(COLUMNS) + 1))
@@ -78,8 +84,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     ap.add_argument("--no-generation", action="store_true", help="teacher-forced protocol only (faster)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the JSON report (required unless --render)")
+    ap.add_argument("--render", metavar="JSON", help="print the table of a report written earlier, and stop")
     args = ap.parse_args()
+    if args.render:
+        print(table(json.loads(Path(args.render).read_text())["rows"]))
+        return
+    if not args.out:
+        ap.error("--out is required")
     methods = args.methods or sorted(get_registry().methods)
     requests = load_requests(args.data, limit=args.n)
     loaded = load_model(args.model)

@@ -46,8 +46,14 @@ def test_conformance_rows(conformance, monkeypatch, tmp_path):
     bad = conformance.run_method("no-such-method", loaded, [req], generation=False)
     assert not bad["runs"] and bad["error"].startswith("UnknownMethod")
     table = conformance.table([ok, bad]).splitlines()
-    assert table[0].startswith("| method | runs | ES |") and len(table) == 4
-    assert table[2].startswith("| ft-l | yes |") and table[3].startswith("| no-such-method | no: UnknownMethod")
+    assert table[0].startswith("| method | runs | ES |") and len(table) == 5
+    assert (
+        table[2]
+        == "| unedited model | - | "
+        + " | ".join(f"{ok['metrics_pre'][k]:.2f}" if k in ok["metrics_pre"] else "-" for _, k in conformance.COLUMNS)
+        + " | - |"
+    )
+    assert table[3].startswith("| ft-l | yes |") and table[4].startswith("| no-such-method | no: UnknownMethod")
 
 
 def test_prompt_format_scores():

@@ -146,12 +146,14 @@ def trace_layers(
         chosen = known_facts(lm, tokenizer, candidates, facts)
     if not chosen:
         raise KeditError(f"the model knows none of the facts in {data} (P(true answer) >= 0.05, rank < 3)")
-    with step(f"tracing {len(chosen)} facts ({kind}, window {window}, {samples} samples)"):
+    what = f"{kind}, window {window}" if kind != "hidden" else kind
+    with step(f"tracing {len(chosen)} facts ({what}, {samples} samples)"):
         profile = subject_last_profile(lm, tokenizer, chosen, kind=kind, window=window, samples=samples, progress=True)
     top = max(max(profile.mean_effect), 1e-9)
-    click.echo(f"{kind} window {profile.window}, {profile.n_facts} facts: mean indirect effect by layer")
+    click.echo(f"{what}, {profile.n_facts} facts: mean indirect effect at the subject's last token")
+    click.echo("layer  effect  normalized")
     for layer, (e, ne) in enumerate(zip(profile.mean_effect, profile.mean_normalized_effect, strict=True)):
-        click.echo(f"{layer:4d} {e:7.3f} {ne:7.3f} {'#' * round(30 * max(e, 0) / top)}")
+        click.echo(f"{layer:5d} {e:7.3f} {ne:11.3f}  {'#' * round(30 * max(e, 0) / top)}")
     click.echo(f"peak layers: {profile.peak_layers()}")
     if out:
         Path(out).write_text(json.dumps({"model": model, "data": data, **profile.to_json()}, indent=1) + "\n")
