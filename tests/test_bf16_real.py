@@ -16,6 +16,16 @@ pytestmark = pytest.mark.real_model
 FAST = {"mom2_n_tokens": 6000, "mom2_damping": 0.05, "context_template_length_params": [[10, 3]]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def installed_plugins():
+    """The process-wide registry with the installed method plugins (the test session turns autoload off):
+    editing and applying a patch both look the method up there."""
+    from kedit_core.plugins import reset_registry
+
+    yield reset_registry(autoload=True)
+    reset_registry()
+
+
 @pytest.mark.parametrize("fixture", ["gemma", "qwen"])
 def test_rome_edits_a_bfloat16_model(fixture, request):
     key = request.getfixturevalue(fixture)[2].id  # skips, with the reason, where the model is not installed

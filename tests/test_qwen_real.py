@@ -23,6 +23,16 @@ KN_MIN_GAIN = 0.5
 FAST_STATS = {"mom2_n_tokens": 6000, "context_template_length_params": [[10, 3]]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def installed_plugins():
+    """The process-wide registry with the installed method plugins (the test session turns autoload off):
+    editing and applying a patch both look the method up there."""
+    from kedit_core.plugins import reset_registry
+
+    yield reset_registry(autoload=True)
+    reset_registry()
+
+
 @pytest.fixture(scope="module")
 def counterfact():
     return load_requests("counterfact", limit=3)
@@ -35,11 +45,9 @@ def zsre():
 
 def _edit(name, qwen, requests, overrides=None, **kwargs):
     """Edit with ``name``'s qwen2.5-0.5b preset (plus ``overrides``); the model must come back unchanged."""
-    from kedit_core.plugins import Registry
-
     model, tok, info = qwen
-    method = Registry(autoload=True).load().method(name)
-    editor = Editor(method, model, tok, model_info=info)
+    editor = Editor(name, model, tok, model_info=info)
+    method = editor.method
     assert editor.hparams == method.load_hparams(None, "qwen2.5-0.5b")
     if overrides:
         editor.hparams = method.load_hparams({**editor.hparams.to_dict(), **overrides})
