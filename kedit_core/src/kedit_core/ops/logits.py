@@ -50,6 +50,12 @@ def logits_at(
     return head_logits(model, hidden[rows.to(hidden.device), cols.to(hidden.device)])
 
 
+def next_token_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """Logits ``[V]`` of the token after one unpadded sequence of token ids."""
+    x = torch.tensor(ids, device=model_device(model))[None]
+    return head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1])[0]
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the input embedding (where input ids must go): where accelerate runs it, in a
     dispatched model (``device_map``; its weight may be offloaded), else where its weight is."""

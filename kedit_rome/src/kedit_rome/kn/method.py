@@ -16,7 +16,7 @@ from kedit_core.architecture import ArchitectureSpec, get_parameter
 from kedit_core.edit import Edit
 from kedit_core.errors import KeditError
 from kedit_core.method import EditContext, EditMethod, PatchKind
-from kedit_core.ops.logits import final_hidden, head_logits, model_device
+from kedit_core.ops.logits import next_token_logits
 from kedit_core.ops.tokens import split_prompt_target
 from kedit_core.request import EditRequest
 
@@ -119,5 +119,4 @@ def _prompt_and_answer(model: nn.Module, tokenizer: Any, prompt: str, answer: st
         ids, target = split_prompt_target(tokenizer, prompt, answer)
         return ids, target[0]
     ids = split_prompt_target(tokenizer, prompt, "x")[0]
-    x = torch.tensor(ids, device=model_device(model))[None]
-    return ids, int(head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1]).argmax(-1))
+    return ids, int(next_token_logits(model, ids).argmax(-1))

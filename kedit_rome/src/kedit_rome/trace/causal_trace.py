@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kedit_core.architecture import ArchitectureSpec, get_module, resolve_architecture
-from kedit_core.ops.logits import final_hidden, head_logits, model_device
+from kedit_core.ops.logits import final_hidden, head_logits, model_device, next_token_logits
 from kedit_core.ops.tokens import split_prompt_target, subject_last_token
 
 from .noise import embedding_std, subject_noise
@@ -249,5 +249,4 @@ def causal_trace(
 def _answer_id(model: nn.Module, tokenizer: Any, prompt: str, ids: list[int], answer: str | None) -> int:
     if answer is not None:
         return split_prompt_target(tokenizer, prompt, answer)[1][0]
-    x = torch.tensor(ids, device=model_device(model))[None]
-    return int(head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1]).argmax(-1))
+    return int(next_token_logits(model, ids).argmax(-1))

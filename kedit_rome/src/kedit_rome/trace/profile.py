@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kedit_core.architecture import ArchitectureSpec, resolve_architecture
-from kedit_core.ops.logits import final_hidden, head_logits, model_device
+from kedit_core.ops.logits import next_token_logits
 from kedit_core.ops.tokens import split_prompt_target
 
 from .causal_trace import _answer_id, restored_probabilities, subject_token_range, window_layers
@@ -25,7 +25,7 @@ from .noise import embedding_std, subject_noise
 
 log = logging.getLogger(__name__)
 
-#: the least drop of the answer's probability under noise for a fact to count in the normalized effect
+#: a fact counts in the normalized effect when noise drops its answer's probability by more than this
 MIN_GAP = 0.01
 
 
@@ -35,7 +35,7 @@ class LayerProfile:
     window: int
     n_facts: int
     #: mean indirect effect per layer, and the same normalized by each fact's (clean - corrupted) gap (over
-    #: the facts whose gap is at least ``MIN_GAP``)
+    #: the facts whose gap exceeds ``MIN_GAP``)
     mean_effect: list[float]
     mean_normalized_effect: list[float]
     per_fact: list[dict[str, Any]]
@@ -68,8 +68,7 @@ def known_facts(
         if answer.strip().lower() in subject.lower():
             continue
         prompt_ids, answer_ids = split_prompt_target(tokenizer, prompt.rstrip(), answer)
-        x = torch.tensor(prompt_ids, device=model_device(model))[None]
-        probs = head_logits(model, final_hidden(model, x, torch.ones_like(x))[:, -1]).softmax(-1)[0]
+        probs = next_token_logits(model, prompt_ids).softmax(-1)
         p = float(probs[answer_ids[0]])
         if p >= min_prob and int((probs > p).sum()) < max_rank:
             chosen.append((prompt, subject, answer))
