@@ -5,7 +5,7 @@ with the generation protocol's matchers (exact leading phrase / starts with / co
     python benchmarks/prompt_format.py --model qwen2.5-0.5b --n 100 --out benchmarks/results/prompt_format-qwen2.5-0.5b.json
 
 Chat form: the prompt is the user's message, the reply starts after the template's assistant header
-(``apply_chat_template(..., add_generation_prompt=True)``), nothing prefilled.
+(``kedit_core.chat.chat_prompt``), nothing prefilled.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
+from kedit_core.chat import chat_prompt
 from kedit_core.evaluate import Evaluator
 from kedit_core.evaluate.answers import contains, exact_match, starts_with
 from kedit_core.models import load_model
 from kedit_core.request import load_requests
 
 MATCHERS = {"exact": exact_match, "starts": starts_with, "contains": contains}
-
-
-def chat_form(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
 
 
 def score(answers: list[str], truths: list[str]) -> dict[str, float]:
@@ -41,12 +36,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, tok, _ = load_model(args.model)
-    if not getattr(tok, "chat_template", None):
-        raise SystemExit(f"{args.model} has no chat template")
     requests = [r for r in load_requests(args.data, limit=args.n) if r.ground_truth]
     truths = [r.ground_truth for r in requests]
     ev = Evaluator(model, tok)
-    forms = {"completion": [r.prompt for r in requests], "chat": [chat_form(tok, r.prompt) for r in requests]}
+    forms = {"completion": [r.prompt for r in requests], "chat": [chat_prompt(tok, r.prompt) for r in requests]}
     report = {"model": args.model, "data": args.data, "n": len(requests), "forms": {}}
     for form, prompts in forms.items():
         answers = ev.generate(prompts, max_new_tokens=args.max_new_tokens)

@@ -63,3 +63,41 @@ def test_prompt_format_scores():
         assert scores == {"exact": 1 / 3, "starts": 1 / 3, "contains": 2 / 3}
     finally:
         sys.modules.pop("prompt_format_benchmark", None)
+
+
+def test_chat_edits_scores_each_edit_in_both_forms(monkeypatch, tmp_path):
+    import kedit_ft.plugin
+    from kedit_core.chat import PROMPT_FORMS, present
+    from kedit_core.editor import Editor
+    from kedit_core.evaluate import Evaluator
+    from kedit_core.plugins import reset_registry
+    from kedit_core.testing import state_fingerprint, tiny_requests
+
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path))
+    ce = _script("chat_edits_benchmark", "chat_edits.py")
+    reg = reset_registry(autoload=False)
+    reg.add_plugin(kedit_ft.plugin, name="ft", package="kedit-ft")
+    try:
+        model, tok = tiny_model("llama")
+        tok.chat_template = (
+            "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+        )
+        forms = {f: present(tiny_requests(), tok, f) for f in PROMPT_FORMS}
+        ev = Evaluator(model, tok)
+        pre, refs = {}, {}
+        for f in PROMPT_FORMS:
+            rows, refs[f] = ev.evaluate_with_reference(forms[f])
+            pre[f] = ce.averaged(rows)
+        before = state_fingerprint(model)
+        info = ModelInfo(id="tiny", key="tiny", source="in-memory")
+        editor = Editor("ft-l", model, tok, hparams={"method": "ft-l", "lr": 0.05, "num_steps": 40}, model_info=info)
+        out = ce.run_method(editor, ev, forms, refs, 2)
+        assert state_fingerprint(model) == before
+        assert set(out) == set(PROMPT_FORMS) and all(set(r["scores"]) == set(PROMPT_FORMS) for r in out.values())
+        for f in PROMPT_FORMS:  # the edit teaches its own form most target tokens (unedited: none)
+            assert pre[f]["reliability"] == 0.0 and out[f]["scores"][f]["reliability"] >= 0.5
+        table = ce.table({"unedited": pre, "methods": {"ft-l": out}}).splitlines()
+        assert len(table) == 2 + 2 + 4 and table[4].startswith("| ft-l | completion | completion |")
+    finally:
+        sys.modules.pop("chat_edits_benchmark", None)
+        reset_registry()
