@@ -228,3 +228,36 @@ def test_eval_json_report(model_dir, tmp_path, capsys, monkeypatch):
     assert report["n"] == 3 and report["sequential"] and len(report["per_request"]) == 3
     assert set(report["metrics"]) >= {"reliability", "generalization", "locality", "portability"}
     assert "final" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-chat")
+    model, tok = tiny_model("llama")
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_edit_in_chat_form_edits_the_templated_prompt(chat_model_dir, tmp_path, capsys):
+    out = tmp_path / "c.kedit.safetensors"
+    args = ["edit", "--method", "ft-m", "--model", str(chat_model_dir), *EDIT, "--rephrase", "Where is it? In"]
+    assert main([*args, "--prompt-form", "chat", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt_form"] == "chat"
+    assert [c["prompt"] for c in report["completions"]] == [f"[{EDIT[1]}]>", "[Where is it? In]>"]
+    assert main(["patch", "show", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"][0]["prompt"] == f"[{EDIT[1]}]>"
+    assert main([*args, "--prompt-form", "chat", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "asked through the chat template" in text and f"  {EDIT[1]}\n" in text
+
+
+def test_chat_form_without_a_template_is_one_line_and_writes_nothing(model_dir, tmp_path, capsys):
+    out = tmp_path / "c.kedit.safetensors"
+    args = ["edit", "--method", "ft-m", "--model", str(model_dir), *EDIT, "--prompt-form", "chat", "--out", str(out)]
+    assert main(args) == 1
+    assert "no chat template" in one_error_line(capsys) and not out.exists()

@@ -10,7 +10,7 @@ import click
 
 from .. import progress
 from ..evaluate.metrics import metric_names, protocols
-from .options import echo_json, fmt, model_options, table
+from .options import echo_json, fmt, model_options, prompt_form_option, table
 
 
 def check_method(method: str) -> None:
@@ -77,6 +77,7 @@ def _editor(
     help="Where to write the patch [out/<method>-<id>.kedit.safetensors].",
 )
 @click.option("--max-new-tokens", default=12, show_default=True)
+@prompt_form_option
 @click.option(
     "--no-generation",
     is_flag=True,
@@ -100,10 +101,12 @@ def edit(
     checkpoint,
     out,
     max_new_tokens,
+    prompt_form,
     no_generation,
     as_json,
 ) -> None:
     """Make one edit, print completions and metrics before and after, and write the patch."""
+    from ..chat import present
     from ..request import EditRequest
 
     if len(locality_prompt) != len(locality_answer):
@@ -119,7 +122,9 @@ def edit(
     )
     mark = progress.mark()
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=False)
-    report = _edit_and_compare(editor, request, max_new_tokens, out, generation=not no_generation)
+    presented = present([request], editor.tokenizer, prompt_form)[0]
+    report = _edit_and_compare(editor, presented, max_new_tokens, out, generation=not no_generation)
+    report["prompt_form"] = prompt_form
     report["time"] = _time_report(mark, report.pop("_edit_itself_s"))
     if as_json:
         echo_json(report)
@@ -188,9 +193,12 @@ def metric_table(*columns: dict[str, float], header: list[str]) -> str:
 
 
 def _print_edit(report: dict[str, Any], request: Any) -> None:
-    click.echo(f"{report['method']} on {report['model']}: {request.subject!r} -> {request.target_new!r}\n")
-    for c in report["completions"]:
-        click.echo(f"  {c['prompt']}")
+    """The report, each prompt shown as written (``request``, before any chat template)."""
+    chat = " (each prompt asked through the chat template)" if report["prompt_form"] == "chat" else ""
+    click.echo(f"{report['method']} on {report['model']}: {request.subject!r} -> {request.target_new!r}{chat}\n")
+    shown = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
+    for text, c in zip(shown, report["completions"], strict=True):
+        click.echo(f"  {text}")
         click.echo(f"    before: {c['before'].strip()!r}")
         click.echo(f"    after:  {c['after'].strip()!r}")
     click.echo("")
@@ -230,6 +238,7 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="With --sequential: PNG of metrics against edits."
 )
+@prompt_form_option
 @click.option(
     "--run-dir",
     type=click.Path(file_okay=False),
@@ -251,9 +260,11 @@ def evaluate(
     checkpoint,
     json_out,
     plot,
+    prompt_form,
     run_dir,
 ) -> None:
     """Edit every request of a data file and print the metric table."""
+    from ..chat import present
     from ..fsutil import atomic_write_text
     from ..request import load_requests
 
@@ -266,11 +277,13 @@ def evaluate(
     check_method(method)
     requests = load_requests(data, limit=limit)
     editor = _editor(method, model, hparams, device, dtype, device_map, checkpoint, progress=True)
+    requests = present(requests, editor.tokenizer, prompt_form)
     result = editor.edit(
         requests, sequential=sequential, batch_size=batch_size, generation=not no_generation, run_dir=run_dir
     )
     report = result.to_report()
     report["data"] = str(data)
+    report["prompt_form"] = prompt_form
     if json_out:
         atomic_write_text(json_out, json.dumps(report, indent=2, default=str))
     if plot:
@@ -283,6 +296,7 @@ def evaluate(
     click.echo(
         f"{report['method']} on {report['model']}, {report['n']} requests from {data}"
         f"{' (sequential)' if sequential else ''}, batch size {report['batch_size']}"
+        f"{', prompts through the chat template' if prompt_form == 'chat' else ''}"
     )
     click.echo(metric_table(*columns, header=header))
     bad = result.degenerate("final" if sequential else "post")

@@ -28,6 +28,17 @@ def model_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def prompt_form_option(fn: Callable) -> Callable:
+    return click.option(
+        "--prompt-form",
+        type=click.Choice(["completion", "chat"]),
+        default="completion",
+        show_default=True,
+        help="Present every prompt as written (completion) or as the user's message of the model's chat template "
+        "(chat: the edit and the scores are on the text a chat user's question becomes).",
+    )(fn)
+
+
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
