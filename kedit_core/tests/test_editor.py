@@ -124,3 +124,22 @@ def test_baseline_dir_shares_the_unedited_scores(editor, tmp_path, monkeypatch):
     editor.edit(tiny_requests()[:1], baseline_dir=tmp_path)  # other requests: another key, computed
     editor.edit(tiny_requests(), baseline_dir=tmp_path, generation=False)  # another protocol
     assert len(list(tmp_path.glob("baseline-*.json"))) == 3 and cached.is_file()
+
+
+def test_time_per_edit_leaves_out_the_one_time_work(editor, monkeypatch):
+    import time
+
+    from kedit_core import progress
+
+    compute = editor.method.compute_patch
+
+    def with_statistics(*args, **kwargs):
+        with progress.step("key statistics", one_time=True):
+            time.sleep(0.3)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(editor.method, "compute_patch", with_statistics)
+    result = editor.edit(tiny_requests(), generation=False)
+    assert 0.6 <= result.one_time_seconds < sum(result.edit_seconds)
+    assert result.time_per_edit_s == pytest.approx((sum(result.edit_seconds) - result.one_time_seconds) / 2)
+    assert result.to_report()["one_time_s"] == result.one_time_seconds

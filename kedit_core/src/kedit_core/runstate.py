@@ -132,6 +132,7 @@ class RunState:
             "post": result.post,
             "generations": result.generations,
             "edit_seconds": result.edit_seconds,
+            "one_time_seconds": result.one_time_seconds,
             "rss_mb_curve": result.rss_mb_curve,
             "refs": None if refs is None else [r.to_dict() for r in refs],
         }
