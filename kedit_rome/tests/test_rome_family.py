@@ -482,3 +482,37 @@ def test_continuation_kl_keeps_what_follows_the_target_as_it_was():
         greedy = model.generate(batch.enc.input_ids[r : r + 1, :end], max_new_tokens=span - 1, do_sample=False)
         assert batch.enc.input_ids[r, : end + span - 1].tolist() == greedy[0].tolist()
     assert _argmax_hits(model, tok, arch, site, reqs, templates, run(1e4, span)) == [True]
+
+
+def test_early_stop_waits_for_the_continuation_kl_when_asked():
+    """A request stops on its rewriting NLL alone by default; with ``early_stop_continuation_kl`` it
+    keeps moving while the mean continuation KL is above the threshold (0 here: never below once the
+    delta moves, so the run goes to the step limit); the stopping rule itself, case by case."""
+    from kedit_core.request import EditRequest
+    from kedit_rome.rome import ROMEHyperparams
+    from kedit_rome.value import _done, optimize_values
+
+    model, tok = tiny_model("llama", dtype=torch.float64)
+    arch = resolve_architecture(model)
+    site = arch.layer_path(2, arch.mlp_out)
+    reqs = [EditRequest(prompt="The capital of Italy is", subject="Italy is", target_new="Paris")]
+    # the tiny model's NLL of the target falls from 5.97 to ~5.30 over 30 steps: 5.35 is met around step 4
+    base = {"v_num_grad_steps": 12, "v_lr": 0.2, "clamp_norm_factor": 1e6, "early_stop_nll": 5.35}
+    base |= {"v_weight_decay": 0.0, "kl_factor": 0.0, "continuation_kl_factor": 1.0, "continuation_tokens": 2}
+
+    def steps(**extra):
+        opts = ROMEHyperparams(**base, **extra)
+        return optimize_values(model, tok, arch, reqs, ["{}", "Hello there. {}"], [site], 2, opts).steps
+
+    assert 1 < steps() < 12 == steps(early_stop_continuation_kl=0.0)
+
+    opts = ROMEHyperparams(early_stop_nll=0.05, continuation_kl_factor=2.0, early_stop_continuation_kl=0.1)
+    nll, missed, kl = torch.tensor([0.01, 0.01, 0.5, 0.01]), torch.zeros(4), torch.tensor([0.1, 0.4, 0.0, 0.2])
+    # kl is weighted by the factor: mean KL 0.05, 0.2, 0.0, 0.1
+    assert _done(opts, nll, missed, kl).tolist() == [True, False, False, True]
+    assert _done(opts.model_copy(update={"early_stop_continuation_kl": None}), nll, missed, kl).tolist() == [
+        True,
+        True,
+        False,
+        True,
+    ]

@@ -65,6 +65,11 @@ class ValueOptions(BaseModel):
     #: positions the continuation KL covers: the one after the target, then those of the unedited
     #: model's greedy continuation of each rewriting prompt + target (loops can start a few tokens on)
     continuation_tokens: int = Field(default=1, ge=1)
+    #: with a continuation KL: a request whose rewriting NLL is low enough keeps moving until its mean
+    #: continuation KL (nats per position) is below this too. Stopping on the rewriting NLL alone ends the
+    #: optimization within a few steps at a large learning rate, before the continuation term has acted
+    #: (the target then loops); None: the rewriting NLL alone decides
+    early_stop_continuation_kl: float | None = Field(default=None, ge=0)
     #: suffix tokens (padding included) run through the model per forward/backward pass: bounds
     #: activation memory; each pass goes forward, through the
     #: output layer and backward before the next. A prompt longer than this gets a pass alone.
@@ -179,6 +184,7 @@ class LossRows:
     weight: torch.Tensor
     owner: torch.Tensor
     ref_row: torch.Tensor  # reference row of each KL position (-1 elsewhere)
+    continuation: torch.Tensor  # [entries] bool: a continuation KL position
 
     @property
     def n_ref(self) -> int:
@@ -194,6 +200,7 @@ def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continua
     tgt = batch.enc.flat_targets().to(device)[keep.to(device)]
     kl_rows = torch.arange(batch.n_rewrite, batch.n_rewrite + n, device=device)
     kl_cols, kl_weights = batch.kl_last, torch.full((n,), kl_factor, device=device)
+    after = kl_rows[:0]
     if continuation_kl > 0:
         span = batch.continued + 1
         after = torch.arange(batch.n_rewrite, device=device).repeat_interleave(span)
@@ -211,6 +218,7 @@ def loss_rows(batch: Batch, n: int, n_templates: int, kl_factor: float, continua
         torch.cat([_token_weights(rows, batch, n, n_templates), kl_weights]),
         batch.owner[row],
         torch.cat([torch.full((len(rows),), -1, device=device), torch.arange(n_ref, device=device)]),
+        torch.arange(len(row), device=device) >= len(row) - len(after),
     )
 
 
@@ -334,6 +342,7 @@ def optimize_values(
     active = torch.ones(n, dtype=torch.bool, device=device)
     nll_req = torch.zeros(n, device=device)
     missed = torch.zeros(n, device=device)  # per request: target tokens not the most probable
+    kl_req = torch.zeros(n, device=device)  # per request: weighted continuation KL
     first = _first_rows(batch, n)
     chunks = _first_chunks(model, arch, batch, loss, prefix_layers, opts.tokens_per_pass)  # before the hooks
     hooks = [_AddAtFirst(m) for m in modules]
@@ -346,15 +355,14 @@ def optimize_values(
             opt.zero_grad(set_to_none=True)
             nll_req = nll_req.index_fill(0, active.nonzero()[:, 0], 0.0)
             missed = missed.index_fill(0, active.nonzero()[:, 0], 0.0)
+            kl_req = kl_req.index_fill(0, active.nonzero()[:, 0], 0.0)
             for c in chunks:
-                _chunk_step(model, c, hooks, deltas, loss, ref, nll_req, missed, record=steps == 1)
+                _chunk_step(model, c, hooks, deltas, loss, ref, (nll_req, missed, kl_req), record=steps == 1)
             if steps == 1:
                 order = torch.cat([c.rows for c in chunks])
                 initial = [torch.cat(h.capture)[torch.argsort(order)][first] for h in hooks]
                 init_norms = [x.norm(dim=1) for x in initial]
-            active = active & (nll_req > opts.early_stop_nll)
-            if opts.early_stop_most_probable:
-                active = active & (missed > 0)
+            active = active & ~_done(opts, nll_req, missed, kl_req)
             if not bool(active.any()) or steps == opts.v_num_grad_steps:
                 break
             with torch.enable_grad():
@@ -379,6 +387,18 @@ def optimize_values(
     return ValueResult([d.detach() for d in deltas], initial, steps, nll_req.cpu().tolist())
 
 
+def _done(opts: ValueOptions, nll_req: torch.Tensor, missed: torch.Tensor, kl_req: torch.Tensor) -> torch.Tensor:
+    """The requests whose optimization can stop: rewriting NLL below ``early_stop_nll`` (or, with
+    most-probable early stopping, every target token the most probable) and, when asked, their mean
+    continuation KL below ``early_stop_continuation_kl``."""
+    done = nll_req <= opts.early_stop_nll
+    if opts.early_stop_most_probable:
+        done = done | (missed == 0)
+    if opts.early_stop_continuation_kl is not None and opts.continuation_kl_factor > 0:
+        done = done & (kl_req / opts.continuation_kl_factor <= opts.early_stop_continuation_kl)
+    return done
+
+
 def _chunk_step(
     model: nn.Module,
     c: _Chunk,
@@ -386,13 +406,13 @@ def _chunk_step(
     deltas: list[torch.Tensor],
     loss: LossRows,
     ref: torch.Tensor,
-    nll_req: torch.Tensor,
-    missed: torch.Tensor,
+    per_request: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     record: bool,
 ) -> None:
     """One pass: the chunk's rows forward with the deltas, their loss entries through the output
-    layer, backward into the deltas' gradients; each request's rewriting NLL is added to ``nll_req``,
-    its count of target tokens that are not the most probable to ``missed``."""
+    layer, backward into the deltas' gradients. ``per_request`` = (rewriting NLL, count of target
+    tokens that are not the most probable, weighted continuation KL), each added to per request."""
+    nll_req, missed, kl_req = per_request
     for h, d in zip(hooks, deltas, strict=True):
         h.delta_rows = d[c.owner]
     with torch.enable_grad():
@@ -403,6 +423,8 @@ def _chunk_step(
         per = head_loss(model, hidden, tgt, ref, loss.ref_row[c.entries][is_kl], record=record, top=top)
         nll_req.index_add_(0, owner[~is_kl], (per.detach() * weight)[~is_kl])
         missed.index_add_(0, owner[~is_kl], (~top[~is_kl]).to(missed.dtype))
+        cont = loss.continuation[c.entries]
+        kl_req.index_add_(0, owner[cont], (per.detach() * weight)[cont])
         (per * weight).sum().backward()
 
 
