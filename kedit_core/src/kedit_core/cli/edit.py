@@ -137,14 +137,11 @@ def _edit_and_compare(
 ) -> dict[str, Any]:
     """Completions before and after one edit, its metrics, and the written patch, as the report."""
     ev = editor.evaluator()
-    prompts = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
+    prompts = _shown_prompts(request)
     with progress.step("generating with the unedited model"):
         before = ev.generate(prompts, max_new_tokens, show_special=True)
-    inside = progress.mark()
     with progress.step(f"editing with {editor.method.name} and scoring before and after"):
         result = editor.edit([request], generation=generation)
-    # one-time steps (key statistics, templates, ...) run inside the edit: the edit itself is the rest
-    edit_itself = result.edit_seconds[0] - sum(s.seconds for s in progress.recorded(inside) if s.one_time)
     patch = result.patches[0]
     with progress.step("generating with the edited model"), patch.applied(editor.model, tokenizer=editor.tokenizer):
         after = ev.generate(prompts, max_new_tokens, show_special=True)
@@ -165,8 +162,14 @@ def _edit_and_compare(
         "protocols": {k: v for k, v in protocols().items() if k in result.post[0]},
         "degenerate": result.degenerate("post")[0][1] if result.degenerate("post") else [],
         "peak_rss_mb": result.peak_rss_mb,
-        "_edit_itself_s": max(0.0, edit_itself),
+        # one-time steps (key statistics, templates, ...) run inside the edit: the edit itself is the rest
+        "_edit_itself_s": result.time_per_edit_s,
     }
+
+
+def _shown_prompts(request: Any) -> list[str]:
+    """The prompts whose completions ``kedit edit`` shows: the edit prompt, paraphrases, locality prompts."""
+    return [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
 
 
 def _time_report(mark: int, edit_itself: float) -> dict[str, Any]:
@@ -196,8 +199,7 @@ def _print_edit(report: dict[str, Any], request: Any) -> None:
     """The report, each prompt shown as written (``request``, before any chat template)."""
     chat = " (each prompt asked through the chat template)" if report["prompt_form"] == "chat" else ""
     click.echo(f"{report['method']} on {report['model']}: {request.subject!r} -> {request.target_new!r}{chat}\n")
-    shown = [request.prompt, *request.rephrase_prompts, *[p.prompt for p in request.locality]]
-    for text, c in zip(shown, report["completions"], strict=True):
+    for text, c in zip(_shown_prompts(request), report["completions"], strict=True):
         click.echo(f"  {text}")
         click.echo(f"    before: {c['before'].strip()!r}")
         click.echo(f"    after:  {c['after'].strip()!r}")
