@@ -22,7 +22,7 @@ from kedit_core.request import EditRequest
 from kedit_core.testing import state_fingerprint, tiny_model, tiny_requests
 from kedit_grace.codebook import spread_hits
 from kedit_grace.wise.method import IRRELEVANT_PROMPTS
-from kedit_grace.wise.routing import gradient_mask, routing_loss, threshold
+from kedit_grace.wise.routing import activation_scores, active_positions, gradient_mask, routing_loss, threshold
 from kedit_grace.wise.side_memory import SideMemory
 
 FAMILIES = ("llama", "gemma3")
@@ -261,3 +261,61 @@ def test_routing_loss_threshold_and_spread_hits():
     entry = torch.tensor([[0, 1, 0, 0, 0, 0, 0]])
     routing = spread_hits(hit, entry, (1, 7), torch.device("cpu"), spans=torch.tensor([1, 3]))
     assert routing.active.tolist() == [[-1, 1, 1, 1, -1, 0, -1]]
+
+
+def test_routing_loss_on_the_active_positions_equals_it_on_all():
+    """Scoring only the positions above alpha (and the highest) gives the whole set's loss and gradient."""
+    torch.manual_seed(0)
+    keys, others = torch.randn(3, 16), torch.randn(200, 16)
+    for scale in (0.05, 0.09):  # (almost) every irrelevant position below alpha; about half above it
+        delta = (scale * torch.randn(8, 16)).requires_grad_()
+        full = routing_loss(activation_scores(keys, delta), activation_scores(others, delta), 1.0, 2.0, 1.0)
+        (g_full,) = torch.autograd.grad(full, delta)
+        with torch.no_grad():
+            active = active_positions(activation_scores(others, delta), 1.0)
+        assert 1 <= len(active) < len(others)
+        part = routing_loss(
+            activation_scores(keys, delta), activation_scores(others[active], delta), 1.0, 2.0, 1.0, len(others)
+        )
+        (g_part,) = torch.autograd.grad(part, delta)
+        assert float(part.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+        assert torch.allclose(g_part, g_full, atol=1e-6)
+
+
+def test_irrelevant_inputs_add_model_samples_and_data_locality_prompts(tmp_path):
+    """The routing loss's irrelevant inputs: the listed prompts, texts sampled from the model (cached on
+    disk, the same on a second edit) and the locality prompts of the data set's last records, leaving
+    out any that names a subject being edited."""
+    model, tok = tiny_model("llama")
+    records = [
+        {
+            "prompt": f"{s} works in",
+            "subject": s,
+            "target_new": "Paris",
+            "locality_prompt": loc,
+            "locality_ground_truth": "x",
+        }
+        for s, loc in [("Alan Turing", "Ada Lovelace was born in"), ("Ada Lovelace", "Alan Turing was born in")]
+        + [("Marie Curie", "The Nile flows into the"), ("Niels Bohr", "Mozart composed music in")]
+    ]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    method = get_registry().method("wise")
+    hparams = method.load_hparams(
+        {
+            **TINY_HPARAMS["wise"],
+            "irrelevant_prompts": ["Hello there"],
+            "irrelevant_samples": 3,
+            "irrelevant_sample_tokens": 4,
+            "irrelevant_data": str(data),
+            "irrelevant_records": 3,
+        }
+    )
+    ctx = EditContext(cache_dir=tmp_path / "cache", model_fingerprint="fp")
+    edit = EditRequest(prompt="Alan Turing was a", subject="Alan Turing", target_new="chef")
+    first = method._irrelevant(model, tok, [edit], hparams, ctx)
+    assert first[0] == "Hello there" and len(first) == 1 + 3 + 2
+    assert first[4:] == ["The Nile flows into the", "Mozart composed music in"]  # the last 3 records, minus Turing
+    assert all(isinstance(t, str) and t for t in first[1:4])
+    assert len(list((tmp_path / "cache" / "samples" / "fp").glob("*.json"))) == 1
+    assert method._irrelevant(model, tok, [edit], hparams, ctx) == first

@@ -13,9 +13,12 @@ editing (each patch carries the whole side memory, so the newest patch alone rep
 Not implemented: knowledge sharding into several side memories and their Ties-merging
 (``merge_freq``/``save_freq``), WISE-Retrieve (a choice among saved side memories), and replay.
 kedit departures (see :mod:`.side_memory` and :mod:`.routing`): routing per position with answer
-spans instead of per input, earlier edits' keys in the ``beta`` term, and a fixed set of generic
-irrelevant prompts (``irrelevant_prompts``) rather than samples of a training set -- the requests'
-own locality probes are evaluation data and are never trained on.
+spans instead of per input, earlier edits' keys in the ``beta`` term, and irrelevant inputs drawn from
+what the method can know without the requests' own locality probes (evaluation data, never trained on):
+a fixed list of generic prompts (``irrelevant_prompts``), texts sampled from the model itself
+(``irrelevant_samples``) and the locality prompts of a training set's last records (``irrelevant_data``:
+factual prompts about other subjects, the inputs a router most easily confuses with an edit; the
+paper's ``x_i`` also come from its training set).
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ from kedit_core.edit import Edit
 from kedit_core.errors import PatchError
 from kedit_core.hparams import Hyperparams
 from kedit_core.method import Detach, EditContext, EditMethod, ModelContext, PatchKind
+from kedit_core.models import model_fingerprint
+from kedit_core.ops.sampling import model_samples
 from kedit_core.ops.tokens import encode_pairs
 from kedit_core.patch import Patch
 from kedit_core.request import EditRequest
+from kedit_core.trainer import load_training_requests
 
 from ..codebook import DecodingState, TailCache
 from ..fit import FitResult, fit_targets
 from ..keys import answer_span, sequence_inputs
 from ..wrapping import aligned, install, replace_module, unwrap_base
-from .routing import RoutingSet, activation_scores, gradient_mask, routing_loss, threshold
+from .routing import RoutingSet, activation_scores, active_positions, gradient_mask, routing_loss, threshold
 from .side_memory import SideMemory
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,15 @@ class WiseHyperparams(Hyperparams):
     #: every entry of W_v' - W_v stays within +- this
     norm_constraint: float = Field(default=1.0, gt=0)
     irrelevant_prompts: list[str] = Field(default_factory=lambda: list(IRRELEVANT_PROMPTS), min_length=1)
+    #: more irrelevant inputs: this many texts sampled from the model itself (cached per model) ...
+    irrelevant_samples: int = Field(default=0, ge=0)
+    #: ... of this many sampled tokens each
+    irrelevant_sample_tokens: int = Field(default=24, ge=1)
+    #: ... and the locality prompts of the last ``irrelevant_records`` records of this training data set
+    #: (a shipped name such as ``counterfact-train``, or a path): factual prompts about other subjects,
+    #: the inputs a router most easily confuses with an edit (the paper's x_i come from the training set)
+    irrelevant_data: str | None = None
+    irrelevant_records: int = Field(default=200, ge=1)
     #: seed of the gradient mask
     seed: int = 0
     batch_size: int = Field(default=1, ge=1)
@@ -98,6 +113,26 @@ class WISE(EditMethod):
 
     def __init__(self) -> None:
         self._tails = TailCache(size=4)
+        self._data_prompts: dict[tuple[str, int], list[tuple[str, str]]] = {}
+
+    def _irrelevant(self, model, tokenizer, requests, hparams: WiseHyperparams, ctx: EditContext) -> list[str]:
+        """The routing loss's irrelevant inputs: the listed prompts, the model's own samples and the
+        data set's locality prompts, without any that names a subject of ``requests``."""
+        out = list(hparams.irrelevant_prompts)
+        if hparams.irrelevant_samples:
+            fp = ctx.model_fingerprint or model_fingerprint(model)
+            n, length = hparams.irrelevant_samples, hparams.irrelevant_sample_tokens
+            out += model_samples(model, tokenizer, fp, ctx.cache_dir, n, length, seed=hparams.seed)
+        if hparams.irrelevant_data:
+            key = (hparams.irrelevant_data, hparams.irrelevant_records)
+            if key not in self._data_prompts:
+                recs = load_training_requests(hparams.irrelevant_data)[-hparams.irrelevant_records :]
+                self._data_prompts[key] = [(p.prompt, r.subject) for r in recs for p in r.locality]
+            subjects = {r.subject for r in requests}
+            out += [
+                p for p, subj in self._data_prompts[key] if subj not in subjects and not any(s in p for s in subjects)
+            ]
+        return out
 
     # -- editing ---------------------------------------------------------------------------------
     def compute_edit(
@@ -119,7 +154,8 @@ class WISE(EditMethod):
         members = [list(m) for m in existing.members] if existing is not None else []
         old_spans = existing.spans.tolist() if existing is not None else []
         prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
-        keys, others = self._activations(model, tokenizer, current, prompts, targets, hparams.irrelevant_prompts)
+        irrelevant = self._irrelevant(model, tokenizer, requests, hparams, ctx)
+        keys, others = self._activations(model, tokenizer, current, prompts, targets, irrelevant)
         new_keys = self._tails.grow(old_keys).append(keys)
         spans = [*old_spans, *(answer_span(tokenizer, [p], t) for p, t in zip(prompts, targets, strict=True))]
         weight, fit = self._train(
@@ -195,8 +231,10 @@ class WISE(EditMethod):
         def regularizer() -> torch.Tensor:
             delta = offset + mask * free
             edit = torch.cat([activation_scores(keys, delta), activation_scores(old_keys, delta)])
-            irr = activation_scores(others, delta)
-            return routing_loss(edit, irr, hparams.alpha, hparams.beta, hparams.gamma)
+            with torch.no_grad():
+                active = active_positions(activation_scores(others, delta), hparams.alpha)
+            irr = activation_scores(others[active], delta)
+            return routing_loss(edit, irr, hparams.alpha, hparams.beta, hparams.gamma, n_irrelevant=len(others))
 
         def project() -> None:  # |W_v' - W_v| <= norm_constraint, entry by entry
             free.copy_(torch.clamp(free, min=-bound - offset, max=bound - offset))

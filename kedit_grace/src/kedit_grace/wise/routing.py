@@ -42,17 +42,35 @@ def activation_scores(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def routing_loss(
-    edit_scores: torch.Tensor, irrelevant_scores: torch.Tensor, alpha: float, beta: float, gamma: float
+    edit_scores: torch.Tensor,
+    irrelevant_scores: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    n_irrelevant: int | None = None,
 ) -> torch.Tensor:
     """``L_a`` over the edits (mean) and the irrelevant positions: the ``alpha`` hinge is averaged over
     every position (each one above the margin gets a gradient), the ``gamma`` gap is taken to the
-    highest irrelevant score (the one a threshold must stay above)."""
+    highest irrelevant score (the one a threshold must stay above). ``irrelevant_scores`` may be a
+    subset of ``n_irrelevant`` positions that holds every one above ``alpha`` and the highest
+    (:func:`active_positions`): the loss and its gradient are then those of the whole set."""
     relu = torch.nn.functional.relu
     loss = relu(beta - edit_scores).mean()
     if irrelevant_scores.numel():
-        loss = loss + relu(irrelevant_scores - alpha).mean()
+        total = n_irrelevant if n_irrelevant is not None else irrelevant_scores.numel()
+        loss = loss + relu(irrelevant_scores - alpha).sum() / total
         loss = loss + relu(gamma - (edit_scores - irrelevant_scores.max())).mean()
     return loss
+
+
+def active_positions(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Indices of the positions :func:`routing_loss` reads gradients from: every score above ``alpha``
+    and the highest (the ``gamma`` gap's); the rest contribute nothing. Scoring every position without
+    a graph and again only these with one costs about a third of scoring all of them with one."""
+    active = scores > alpha
+    if scores.numel():
+        active[scores.argmax()] = True
+    return active.nonzero().flatten()
 
 
 def threshold(edit_scores: torch.Tensor, act_ratio: float) -> float:

@@ -15,41 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from kedit_core.fsutil import atomic_write_text
-from kedit_core.ops.logits import head_logits, model_device
-from kedit_core.ops.tokens import encode_prompts
+from kedit_core.ops.sampling import OPENERS, sample_texts
 from kedit_core.progress import step
 
 log = logging.getLogger(__name__)
 
-OPENERS = ("The", "Therefore", "Because", "I", "You")
-
 
 def _sample(model: nn.Module, tokenizer: Any, openers: Sequence[str], length: int, top_k: int, seed: int) -> list[str]:
-    device = model_device(model)
-    ids, mask, lens = encode_prompts(tokenizer, list(openers), device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    seqs = [ids[i, : lens[i]].tolist() for i in range(len(openers))]
-    with torch.no_grad():
-        for _ in range(length):
-            width = max(map(len, seqs))
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            batch = torch.full((len(seqs), width), pad, dtype=torch.long)
-            att = torch.zeros_like(batch)
-            for i, s in enumerate(seqs):
-                batch[i, : len(s)] = torch.tensor(s)
-                att[i, : len(s)] = 1
-            hidden = model.base_model(input_ids=batch.to(device), attention_mask=att.to(device), use_cache=False)[0]
-            last = hidden[torch.arange(len(seqs), device=hidden.device), torch.tensor([len(s) - 1 for s in seqs])]
-            logits = head_logits(model, last).float().cpu()
-            top = logits.topk(top_k, dim=-1)
-            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)[:, 0]
-            for i, s in enumerate(seqs):
-                s.append(int(top.indices[i, choice[i]]))
-    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+    texts = sample_texts(model, tokenizer, openers, length, top_k, seed)
     return [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
 
 
