@@ -319,3 +319,22 @@ def test_irrelevant_inputs_add_model_samples_and_data_locality_prompts(tmp_path)
     assert all(isinstance(t, str) and t for t in first[1:4])
     assert len(list((tmp_path / "cache" / "samples" / "fp").glob("*.json"))) == 1
     assert method._irrelevant(model, tok, [edit], hparams, ctx) == first
+
+
+def test_replay_draws_earlier_edits_reproducibly_and_trains_on_them():
+    from kedit_grace.wise.method import WiseHyperparams, replayed
+
+    members = [[f"prompt {i}", f"target {i}"] for i in range(5)]
+    hp = WiseHyperparams(replay=3)
+    picked = replayed(members, hp)
+    assert len(set(picked)) == 3 and picked == replayed(members, hp)
+    assert all([p, t] in members for p, t in picked)
+    assert replayed(members, WiseHyperparams(replay=10)) == [tuple(m) for m in members]
+    assert replayed(members, WiseHyperparams()) == [] and replayed([], hp) == []
+    # a sequential run with replay keeps the first edit routed and answered after the second
+    model, tok = tiny_model("llama")
+    first, second = ten_requests()[:2]
+    editor = Editor("wise", model, tok, hparams={**TINY_HPARAMS["wise"], "replay": 4, "mask_ratio": 1.0})
+    before = target_logprob(model, tok, first.prompt, first.target_new)
+    editor.edit([first, second], sequential=True, keep_original_weight=False, evaluate=False)
+    assert target_logprob(model, tok, first.prompt, first.target_new) > before + 1.0

@@ -10,8 +10,9 @@ router leaves on it runs the unedited model exactly.
 Implemented: one side memory, the margin-based routing loss and the activation router with its
 threshold, random gradient masks (``mask_ratio``), the norm constraint, batch and sequential
 editing (each patch carries the whole side memory, so the newest patch alone reproduces a run).
+Replay (``replay``): each edit also trains on a random draw of earlier edits' targets.
 Not implemented: knowledge sharding into several side memories and their Ties-merging
-(``merge_freq``/``save_freq``), WISE-Retrieve (a choice among saved side memories), and replay.
+(``merge_freq``/``save_freq``) and WISE-Retrieve (a choice among saved side memories).
 kedit departures (see :mod:`.side_memory` and :mod:`.routing`): routing per position with answer
 spans instead of per input, earlier edits' keys in the ``beta`` term, and irrelevant inputs drawn from
 what the method can know without the requests' own locality probes (evaluation data, never trained on):
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from typing import Literal
 
 import torch
@@ -93,9 +95,20 @@ class WiseHyperparams(Hyperparams):
     #: the inputs a router most easily confuses with an edit (the paper's x_i come from the training set)
     irrelevant_data: str | None = None
     irrelevant_records: int = Field(default=200, ge=1)
-    #: seed of the gradient mask
+    #: each edit also trains on up to this many earlier edits of the side memory (their target loss
+    #: beside the new ones', drawn at random), so that new edits do not overwrite what old ones wrote
+    replay: int = Field(default=0, ge=0)
+    #: seed of the gradient mask (and of the replayed edits' draw)
     seed: int = 0
     batch_size: int = Field(default=1, ge=1)
+
+
+def replayed(members: list[list[str]], hparams: WiseHyperparams) -> list[tuple[str, str]]:
+    """Up to ``hparams.replay`` of the side memory's earlier ``[prompt, target]`` edits, drawn at
+    random (seeded by ``seed`` and how many there are, so a run is reproducible)."""
+    k = min(hparams.replay, len(members))
+    picked = random.Random(hparams.seed + len(members)).sample(range(len(members)), k) if k else []
+    return [(members[i][0], members[i][1]) for i in sorted(picked)]
 
 
 class WISE(EditMethod):
@@ -159,7 +172,15 @@ class WISE(EditMethod):
         new_keys = self._tails.grow(old_keys).append(keys)
         spans = [*old_spans, *(answer_span(tokenizer, [p], t) for p, t in zip(prompts, targets, strict=True))]
         weight, fit = self._train(
-            model, tokenizer, arch, path, current, start, RoutingSet(keys, old_keys, others), requests, hparams
+            model,
+            tokenizer,
+            arch,
+            path,
+            current,
+            start,
+            RoutingSet(keys, old_keys, others),
+            [*zip(prompts, targets, strict=True), *replayed(members, hparams)],
+            hparams,
         )
         delta = weight.float() - main.float()
         scores = activation_scores(new_keys, delta)
@@ -209,7 +230,7 @@ class WISE(EditMethod):
 
     @staticmethod
     def _train(
-        model, tokenizer, arch, path, current, start, routing: RoutingSet, requests, hparams
+        model, tokenizer, arch, path, current, start, routing: RoutingSet, pairs, hparams
     ) -> tuple[torch.Tensor, FitResult]:
         """Install a provisional side memory (around the main memory, replacing ``current`` for a
         while) that serves the positions predicting the targets; train ``W_v' = start + M * D``
@@ -218,7 +239,7 @@ class WISE(EditMethod):
         main = arch.weight(model, arch.mlp_out_param(layer)).detach()
         existing = current if isinstance(current, SideMemory) else None
         keys, old_keys, others = routing
-        prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
+        prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
         device = main.device
         mask = gradient_mask(tuple(main.shape), hparams.mask_ratio, hparams.seed, device)
         offset = start - main.float()  # W_v' - W_v before this edit
