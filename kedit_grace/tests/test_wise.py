@@ -338,3 +338,38 @@ def test_replay_draws_earlier_edits_reproducibly_and_trains_on_them():
     before = target_logprob(model, tok, first.prompt, first.target_new)
     editor.edit([first, second], sequential=True, keep_original_weight=False, evaluate=False)
     assert target_logprob(model, tok, first.prompt, first.target_new) > before + 1.0
+
+
+def test_shards_train_disjoint_subspaces_in_turn_and_keep_earlier_edits():
+    from kedit_grace.wise.method import WiseHyperparams
+
+    masks = [gradient_mask((64, 32), 0.3, 7, shard=i) for i in range(3)]
+    assert torch.equal(masks[0], gradient_mask((64, 32), 0.3, 7))  # shard 0 is the unsharded mask
+    assert float((masks[0] + masks[1] + masks[2]).max()) == 1.0  # disjoint
+    assert [WiseHyperparams(shards=3, shard_size=2, mask_ratio=0.3).shard(n) for n in range(8)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        0,
+        0,
+    ]
+    with pytest.raises(ValueError, match="shards"):
+        get_registry().method("wise").load_hparams({"shards": 3, "mask_ratio": 0.4})
+    model, tok = tiny_model("llama")
+    first, second = ten_requests()[:2]
+    hp = {**TINY_HPARAMS["wise"], "shards": 2, "shard_size": 1, "mask_ratio": 0.5}
+    editor = Editor("wise", model, tok, hparams=hp)
+    deltas = []
+    for request in (first, second):
+        editor.edit([request], sequential=True, keep_original_weight=False, evaluate=False)
+        memory = next(m for m in model.modules() if isinstance(m, SideMemory))
+        deltas.append((memory.side_weight - memory.main_weight()).clone())
+    shard0, shard1 = (gradient_mask(tuple(deltas[0].shape), 0.5, hp.get("seed", 0), shard=i) for i in (0, 1))
+    assert bool((deltas[0][shard0 == 0] == 0).all()) and bool((deltas[0] != 0).any())
+    second_only = deltas[1] - deltas[0]
+    assert bool((second_only[shard1 == 0] == 0).all()) and bool((second_only != 0).any())
+    plen = len(split_prompt_target(tok, first.prompt, first.target_new)[0])
+    assert plen - 1 in side_memory_positions(model, tok, memory, first.prompt)

@@ -8,11 +8,12 @@ activation scores (:func:`.routing.threshold`). The main memory is never changed
 router leaves on it runs the unedited model exactly.
 
 Implemented: one side memory, the margin-based routing loss and the activation router with its
-threshold, random gradient masks (``mask_ratio``), the norm constraint, batch and sequential
-editing (each patch carries the whole side memory, so the newest patch alone reproduces a run).
-Replay (``replay``): each edit also trains on a random draw of earlier edits' targets.
-Not implemented: knowledge sharding into several side memories and their Ties-merging
-(``merge_freq``/``save_freq``) and WISE-Retrieve (a choice among saved side memories).
+threshold, random gradient masks (``mask_ratio``), knowledge sharding into disjoint subspaces
+(``shards``, ``shard_size``; merged by construction, see :mod:`.routing`), the norm constraint, batch
+and sequential editing (each patch carries the whole side memory, so the newest patch alone
+reproduces a run). Replay (``replay``): each edit also trains on a random draw of earlier edits' targets.
+Not implemented: overlapping shards with Ties-merging's trimming and sign election, and WISE-Retrieve
+(a choice among several saved side memories).
 kedit departures (see :mod:`.side_memory` and :mod:`.routing`): routing per position with answer
 spans instead of per input, earlier edits' keys in the ``beta`` term, and irrelevant inputs drawn from
 what the method can know without the requests' own locality probes (evaluation data, never trained on):
@@ -30,7 +31,7 @@ import random
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kedit_core.architecture import ArchitectureSpec, get_module, get_parameter
 from kedit_core.edit import Edit
@@ -98,9 +99,26 @@ class WiseHyperparams(Hyperparams):
     #: each edit also trains on up to this many earlier edits of the side memory (their target loss
     #: beside the new ones', drawn at random), so that new edits do not overwrite what old ones wrote
     replay: int = Field(default=0, ge=0)
-    #: seed of the gradient mask (and of the replayed edits' draw)
+    #: knowledge sharding: the side memory's entries are split into this many disjoint random subspaces
+    #: of ``mask_ratio`` each (``shards * mask_ratio <= 1``); the first ``shard_size`` edits train
+    #: subspace 0, the next ``shard_size`` subspace 1, ..., then around again
+    shards: int = Field(default=1, ge=1)
+    shard_size: int = Field(default=100, ge=1)
+    #: seed of the gradient masks (and of the replayed edits' draw)
     seed: int = 0
     batch_size: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _disjoint_shards(self) -> WiseHyperparams:
+        if self.shards > 1 and self.shards * self.mask_ratio > 1 + 1e-9:
+            raise ValueError(
+                f"{self.shards} disjoint shards of mask_ratio {self.mask_ratio} need shards * mask_ratio <= 1"
+            )
+        return self
+
+    def shard(self, edits_before: int) -> int:
+        """The subspace that trains the edits made after ``edits_before`` earlier ones."""
+        return (edits_before // self.shard_size) % self.shards
 
 
 def replayed(members: list[list[str]], hparams: WiseHyperparams) -> list[tuple[str, str]]:
@@ -181,6 +199,7 @@ class WISE(EditMethod):
             RoutingSet(keys, old_keys, others),
             [*zip(prompts, targets, strict=True), *replayed(members, hparams)],
             hparams,
+            shard=hparams.shard(len(members)),
         )
         delta = weight.float() - main.float()
         scores = activation_scores(new_keys, delta)
@@ -207,6 +226,7 @@ class WISE(EditMethod):
                 "irrelevant_max": irrelevant_max,
                 "supersedes": existing.state_id if existing is not None else "",
                 "edits": len(spans),
+                "shard": hparams.shard(len(members)),
                 "fit": {
                     "steps": fit.steps,
                     "loss": fit.loss,
@@ -230,18 +250,18 @@ class WISE(EditMethod):
 
     @staticmethod
     def _train(
-        model, tokenizer, arch, path, current, start, routing: RoutingSet, pairs, hparams
+        model, tokenizer, arch, path, current, start, routing: RoutingSet, pairs, hparams, shard: int = 0
     ) -> tuple[torch.Tensor, FitResult]:
         """Install a provisional side memory (around the main memory, replacing ``current`` for a
         while) that serves the positions predicting the targets; train ``W_v' = start + M * D``
-        (``D`` free, ``M`` the gradient mask); return ``W_v'`` in the weight's dtype."""
+        (``D`` free, ``M`` the gradient mask of ``shard``); return ``W_v'`` in the weight's dtype."""
         layer = arch.check_layer(model, hparams.layer, "layer")
         main = arch.weight(model, arch.mlp_out_param(layer)).detach()
         existing = current if isinstance(current, SideMemory) else None
         keys, old_keys, others = routing
         prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
         device = main.device
-        mask = gradient_mask(tuple(main.shape), hparams.mask_ratio, hparams.seed, device)
+        mask = gradient_mask(tuple(main.shape), hparams.mask_ratio, hparams.seed, device, shard)
         offset = start - main.float()  # W_v' - W_v before this edit
         free = torch.zeros_like(start, requires_grad=True)
         bound = hparams.norm_constraint

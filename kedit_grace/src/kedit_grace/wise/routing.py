@@ -17,7 +17,11 @@ routed while the side memory learns new ones.
 The routing threshold is the paper's: the smallest score of an edit, times ``act_ratio``.
 
 Knowledge sharding trains only a random fraction ``rho`` of the side memory's entries
-(:func:`gradient_mask`): ``W_v' <- W_v' - lr * (M ⊙ grad)``.
+(:func:`gradient_mask`): ``W_v' <- W_v' - lr * (M_i ⊙ grad)``, with ``M_i`` the mask of the shard
+``i`` that takes the edit. kedit's shards are disjoint subspaces of one side memory: the paper merges
+the shards' deltas ``tau_i = W_i - W_v`` by Ties-merging (trim, elect a sign per entry, average the
+entries that agree), which for untrimmed deltas on disjoint entries is their sum -- what one side memory trained
+under the shards' masks in turn holds, so the merged memory serves every edit at every step.
 """
 
 from __future__ import annotations
@@ -80,10 +84,15 @@ def threshold(edit_scores: torch.Tensor, act_ratio: float) -> float:
     return float(act_ratio * edit_scores.min())
 
 
-def gradient_mask(shape: tuple[int, ...], ratio: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def gradient_mask(
+    shape: tuple[int, ...], ratio: float, seed: int, device: torch.device | str = "cpu", shard: int = 0
+) -> torch.Tensor:
     """A fixed random ``{0, 1}`` mask with (about) ``ratio`` of its entries set, drawn from ``seed`` on
-    the CPU (the same mask on every device and for every edit of a side memory)."""
+    the CPU (the same mask on every device and for every edit of a shard). Shard ``i`` sets the entries
+    whose uniform draw lies in ``[i * ratio, (i + 1) * ratio)``: the masks of shards ``0 .. k-1`` are
+    disjoint while ``k * ratio <= 1``, and shard 0's is the unsharded mask."""
     if ratio >= 1.0:
         return torch.ones(shape, device=device)
     gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=gen) < ratio).float().to(device)
+    u = torch.rand(shape, generator=gen)
+    return ((u >= shard * ratio) & (u < (shard + 1) * ratio)).float().to(device)
