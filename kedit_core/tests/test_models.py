@@ -58,3 +58,13 @@ def test_tokenizer_build_tables_are_released_and_it_still_works(tmp_path):
     assert tok.get_vocab() == vocab
     tok.save_pretrained(tmp_path)  # saved through the Rust tokenizer: the merge survives
     assert tf.AutoTokenizer.from_pretrained(tmp_path)("ab a")["input_ids"] == ids
+
+
+def test_fingerprint_reads_the_model_not_the_software_version_or_path():
+    a, _ = tiny_model("llama", seed=0)
+    before = model_fingerprint(a)
+    a.config.transformers_version = "0.0.1"
+    a.config._name_or_path = "/somewhere/else"
+    assert model_fingerprint(a) == before
+    a.config.rms_norm_eps = a.config.rms_norm_eps * 2  # the config still counts
+    assert model_fingerprint(a) != before

@@ -252,16 +252,21 @@ def _write_fingerprints(source: Path, data: dict[str, Any]) -> None:
         log.info("cannot cache the fingerprint of %s: %s", source, exc)
 
 
+#: the cache entry of :func:`model_fingerprint`'s values; renamed when what it reads changes (v2: not the
+#: config's transformers version or path), so no cache serves a value of the old scheme
+MODEL_ENTRY = "model_v2"
+
+
 def _cached_fingerprint(source: Path, model: nn.Module) -> str:
     """:func:`model_fingerprint` of a model just loaded from ``source``, computed once per dtype; for a
     model kedit converted (its own cache), also every parameter's sha256 in float32, once."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     data = _read_fingerprints(source)
-    fingerprint = data.get("model", {}).get(dtype)
+    fingerprint = data.get(MODEL_ENTRY, {}).get(dtype)
     update = {}
     if not fingerprint:
         fingerprint = model_fingerprint(model)
-        update["model"] = {**data.get("model", {}), dtype: fingerprint}
+        update[MODEL_ENTRY] = {**data.get(MODEL_ENTRY, {}), dtype: fingerprint}
     own = source.resolve().parent == (cache_dir() / "models").resolve()
     if own and dtype == "float32" and not data.get("parameters", {}).get(dtype):
         update["parameters"] = {**data.get("parameters", {}), dtype: _parameter_fingerprints(model)}
@@ -397,10 +402,17 @@ def _parameter_fingerprints(model: nn.Module) -> dict[str, str]:
     }
 
 
+#: config entries that name the software that wrote the config or where the model was loaded from,
+#: not the model: a fingerprint that read them changed with every transformers release (5.24 -> 5.25
+#: refused the shipped MEND/KE checkpoints of unchanged weights)
+NOT_THE_MODEL = frozenset({"transformers_version", "_name_or_path", "_model_name_or_path", "name_or_path"})
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A fast content fingerprint of a model: config, every parameter's name, shape and a strided
     sample of its values (read through accelerate's offload maps in a dispatched model). Keys on-disk
-    caches (statistics, templates) so they never mix models."""
+    caches (statistics, templates) so they never mix models; the same weights and config give the same
+    fingerprint under any transformers version and from any path."""
     import torch
 
     from .architecture import weight_value
@@ -409,7 +421,8 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        h.update(json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode())
+        described = {k: v for k, v in config.to_diff_dict().items() if k not in NOT_THE_MODEL}
+        h.update(json.dumps(described, sort_keys=True, default=str).encode())
     held: set[tuple] = set()
     for name, p in model.named_parameters():
         value = held_value(model, name)
