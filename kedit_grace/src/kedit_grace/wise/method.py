@@ -186,6 +186,7 @@ class WISE(EditMethod):
         old_spans = existing.spans.tolist() if existing is not None else []
         prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
         irrelevant = self._irrelevant(model, tokenizer, requests, hparams, ctx)
+        shard = hparams.shard(len(members))
         keys, others = self._activations(model, tokenizer, current, prompts, targets, irrelevant)
         new_keys = self._tails.grow(old_keys).append(keys)
         spans = [*old_spans, *(answer_span(tokenizer, [p], t) for p, t in zip(prompts, targets, strict=True))]
@@ -199,7 +200,7 @@ class WISE(EditMethod):
             RoutingSet(keys, old_keys, others),
             [*zip(prompts, targets, strict=True), *replayed(members, hparams)],
             hparams,
-            shard=hparams.shard(len(members)),
+            shard=shard,
         )
         delta = weight.float() - main.float()
         scores = activation_scores(new_keys, delta)
@@ -226,7 +227,7 @@ class WISE(EditMethod):
                 "irrelevant_max": irrelevant_max,
                 "supersedes": existing.state_id if existing is not None else "",
                 "edits": len(spans),
-                "shard": hparams.shard(len(members)),
+                "shard": shard,
                 "fit": {
                     "steps": fit.steps,
                     "loss": fit.loss,
