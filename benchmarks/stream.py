@@ -34,9 +34,14 @@ Prints a table, writes JSON (``--out``, default ``benchmarks/results/stream/<mod
 beside it: reliability / generalization / locality against the number of edits, one colour per method,
 teacher-forced solid and generation-scored dashed, the unedited model's scores as grey lines.
 
+``--merge A.json B.json ... --out C.json``: one report, table and figure from runs of the same stream
+made in separate processes (one method each, as a 2-core machine runs them side by side); refused unless
+the runs agree on the model, the stream, the checkpoint sample and the unedited model's measurements.
+
     python benchmarks/stream.py --model tiny --methods rome,grace --n 200 --every 50 --sample 20
     OMP_NUM_THREADS=1 python benchmarks/stream.py --model gemma3-270m --methods grace --n 40 --every 20 --sample 20
     python benchmarks/stream.py --model gemma3-270m --methods alphaedit,memit,grace,wise --n 2000 --batch 10
+    python benchmarks/stream.py --merge grace.json melo.json --out gemma3-270m-2000.json
 
 The 2,000-edit runs on Gemma 3 270M take hours of CPU per method (ROME-family edits are seconds each,
 every checkpoint generates for each sampled edit); ``KEDIT_PROGRESS=1`` reports the slow steps.
@@ -371,6 +376,29 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# what runs of one stream share; a merged report needs them equal
+SHARED = ("model", "n", "every", "sample", "seed", "generation", "stream", "heldout", "probes", "unedited")
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One report from runs of the same stream written by separate processes."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first, merged = reports[0], {k: v for k, v in reports[0].items() if k not in ("methods", "note")}
+    merged["methods"], merged["merged_from"] = {}, [Path(p).name for p in paths]
+    for path, report in zip(paths, reports, strict=True):
+        differ = [k for k in SHARED if report.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{path}: not the same stream as {paths[0]} (differs in {', '.join(differ)})")
+        for name, run in report["methods"].items():
+            if name in merged["methods"]:
+                raise SystemExit(f"{path}: method {name!r} is in two of the runs")
+            merged["methods"][name] = run
+    notes = [f"{Path(p).name}: {r['note']}" for p, r in zip(paths, reports, strict=True) if r.get("note")]
+    if notes:
+        merged["note"] = "; ".join(notes)
+    return merged
+
+
 def method_batches(args: argparse.Namespace) -> dict[str, int]:
     """Each requested method's chunk size; a method without sequential editing is refused."""
     from kedit_core.plugins import get_registry
@@ -400,14 +428,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="the permutation the checkpoint samples are drawn from")
     ap.add_argument("--hparams", default=None, help='JSON overrides per method: {"grace": {"eps_init": 1.0}}')
     ap.add_argument("--out", default=None, help="JSON path (the PNG goes beside it)")
+    ap.add_argument("--merge", nargs="+", type=Path, help="combine these runs' JSON into --out (nothing is run)")
     args = ap.parse_args(argv)
+    if args.merge and not args.out:
+        ap.error("--merge needs --out")
     if args.n < 0 or args.every < 1 or args.sample < 0 or args.batch < 1:
         ap.error("--n, --sample >= 0; --every, --batch >= 1")
     return args
 
 
+def write(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"wrote {out} and {plot(report, out.with_suffix('.png'))}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.merge:
+        report = merge(args.merge)
+        write(report, Path(args.out))
+        return report
     logging.basicConfig(level=logging.WARNING)
     from kedit_core.architecture import resolve_architecture
 
@@ -437,11 +479,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for name, batch in batches.items():
         report["methods"][name] = run_method(setup, name, batch)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / "stream" / f"{Path(args.model).name}-{args.n}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(table(report))
-    print(f"wrote {out} and {plot(report, out.with_suffix('.png'))}")
+    write(
+        report, Path(args.out or ROOT / "benchmarks" / "results" / "stream" / f"{Path(args.model).name}-{args.n}.json")
+    )
     return report
 
 

@@ -133,3 +133,31 @@ def test_tiny_run_reports_fractions_per_threshold(null_space, registry, tmp_path
         assert 0.0 <= some[key] <= 1.0 + 1e-9
     assert none["dims"] == 0 and none["ratio"] is None
     assert everything["ratio"] == pytest.approx(1.0)
+
+
+def test_runs_of_one_stream_in_separate_processes_merge_into_one_report(stream, registry, tmp_path):
+    common = ["--n", "4", "--every", "2", "--sample", "2", "--probe-n", "10", "--no-generation"]
+    runs = {}
+    for name in ("rome", "grace"):
+        runs[name] = stream.main(["--methods", name, *common, "--out", str(tmp_path / f"{name}.json")])
+    merged = stream.main(
+        ["--merge", str(tmp_path / "rome.json"), str(tmp_path / "grace.json"), "--out", str(tmp_path / "m.json")]
+    )
+    assert list(merged["methods"]) == ["rome", "grace"]
+    for name, run in runs.items():
+        assert merged["methods"][name] == json.loads(json.dumps(run["methods"][name]))
+    assert merged["unedited"] == json.loads(json.dumps(runs["rome"]["unedited"]))
+    assert merged["merged_from"] == ["rome.json", "grace.json"]
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    # another stream (a different start) or the same method twice: refused, nothing written
+    other = stream.main(["--methods", "grace", *common, "--start", "2", "--out", str(tmp_path / "other.json")])
+    assert other["stream"]["start"] == 2
+    with pytest.raises(SystemExit, match="differs in .*stream"):
+        stream.main(
+            ["--merge", str(tmp_path / "rome.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")]
+        )
+    with pytest.raises(SystemExit, match="'rome' is in two"):
+        stream.main(
+            ["--merge", str(tmp_path / "rome.json"), str(tmp_path / "rome.json"), "--out", str(tmp_path / "x.json")]
+        )
+    assert not (tmp_path / "x.json").exists()
