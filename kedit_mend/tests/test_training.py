@@ -207,3 +207,23 @@ def test_record_caches_persist_on_disk(tmp_path):
     edit = next(iter(first.factor_cache))
     p = method.build_network(model, arch, hp).params[0]
     assert torch.equal(again.factor_cache[edit][p][1], first.factor_cache[edit][p][1])
+
+
+def test_the_continuation_term_is_the_unedited_models_greedy_text_after_the_target(tmp_path):
+    from kedit_mend.train_editor import continuation_prompt, continuations
+
+    model, tok = tiny_model("llama")
+    pairs = [(r.prompt, r.target_new) for r in records()[:3]]
+    got = continuations(model, tok, pairs, tokens=3)
+    for pair in pairs:
+        ids = tok(continuation_prompt(*pair), return_tensors="pt")["input_ids"]
+        greedy = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+        assert got.get(pair, "") == tok.decode(greedy, skip_special_tokens=True).strip()
+    method = MEND()
+    off, _ = make_trainer(method, model, tok, tmp_path / "off")
+    assert off.continuation == {} and "continuation" not in off.validate()
+    on, hp = make_trainer(method, model, tok, tmp_path / "on", continuation_loss_weight=2.0, continuation_tokens=3)
+    assert set(on.continuation) <= {(r.prompt, r.target_new) for r in records()} and on.continuation
+    parts = on.validate()
+    expected = parts["edit"] + hp.locality_loss_weight * parts["locality"] + 2.0 * parts["continuation"]
+    assert parts["continuation"] > 0 and parts["loss"] == pytest.approx(expected, rel=1e-5)

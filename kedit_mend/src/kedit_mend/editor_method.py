@@ -57,6 +57,12 @@ class EditorHyperparams(TrainingHyperparams):
     #: (null: the full vocabulary)
     train_vocab_sample: int | None = Field(default=4096, ge=1)
     train_top_k: int = Field(default=64, ge=1)
+    #: training: weight of the continuation KL -- at the position after the new target in the edit
+    #: prompt, and along the next ``continuation_tokens - 1`` tokens of the unedited model's greedy
+    #: continuation there, the edited model's next-token distribution is held to the unedited model's
+    #: (the edit should make the model say the target, then go on as it would have; 0: the papers' objective)
+    continuation_loss_weight: float = Field(default=0.0, ge=0)
+    continuation_tokens: int = Field(default=2, ge=1)
 
 
 def packaged_checkpoint(name: str) -> Path:

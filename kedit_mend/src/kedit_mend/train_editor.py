@@ -9,6 +9,10 @@ unrelated locality input ``x_loc,i`` (MEND Alg. 1, KE Sec. 3):
 3. with ``θ + Δ_i``:  ``L_edit = mean NLL of y_i given x_i and x'_i``,
    ``L_loc = KL(p_θ(·|x_loc,i) || p_{θ+Δ_i}(·|x_loc,i))`` at the locality answer's positions;
    ``L = c_edit L_edit + c_loc L_loc`` (MEND eq. 4; :meth:`BaseTrainer.objective`).
+   With ``continuation_loss_weight`` ``c_cont > 0``, ``+ c_cont L_cont``: the same KL on the text
+   ``x_i y_i`` followed by the unedited model's greedy continuation ``c_i`` of it, at the position after
+   ``y_i`` and along ``c_i`` (:func:`continuations`) -- teacher-forced edit losses say nothing of what
+   follows the target, and an editor trained on them alone makes the model loop on it.
 
 Only layers from the first edited one onwards are run: the hidden states entering that layer, the
 unedited model's final states and top-k tokens at the target positions, and the gradient factors of
@@ -32,7 +36,7 @@ from torch import nn
 
 from kedit_core.architecture import ArchitectureSpec
 from kedit_core.ops.logits import final_hidden, head_logits, model_device
-from kedit_core.ops.tokens import EncodedPairs, encode_pairs
+from kedit_core.ops.tokens import EncodedPairs, encode_pairs, pad_right
 from kedit_core.request import EditRequest
 from kedit_core.trainer import BaseTrainer, TrainResult, locality_kl, save_tensors
 
@@ -154,8 +158,11 @@ def vocab_logits(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor | Non
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def training_pairs(requests: list[EditRequest]) -> tuple[list[Pair], list[Pair], list[int], list[Pair], list[int]]:
-    """Edit pairs, paraphrase pairs (+ owning request), locality pairs (+ owning request)."""
+def training_pairs(
+    requests: list[EditRequest], continuation: dict[Pair, str] | None = None
+) -> tuple[list[Pair], list[Pair], list[int], list[Pair], list[int]]:
+    """Edit pairs, paraphrase pairs (+ owning request), locality pairs (+ owning request); the locality
+    pairs end with the continuation pairs ``(x_i y_i, c_i)`` of the edits ``continuation`` holds."""
     edits = [(r.prompt, r.target_new) for r in requests]
     gen, gen_owner, loc, loc_owner = [], [], [], []
     for i, r in enumerate(requests):
@@ -165,7 +172,41 @@ def training_pairs(requests: list[EditRequest]) -> tuple[list[Pair], list[Pair],
         if r.locality:
             loc.append((r.locality[0].prompt, r.locality[0].target))
             loc_owner.append(i)
+    for i, pair in enumerate(edits):
+        if (continuation or {}).get(pair):
+            loc.append((continuation_prompt(*pair), continuation[pair]))
+            loc_owner.append(i)
     return edits, gen, gen_owner, loc, loc_owner
+
+
+def continuation_prompt(prompt: str, target: str) -> str:
+    """The edit's text ``x y``, as :func:`~kedit_core.ops.tokens.split_prompt_target` joins it."""
+    return prompt.rstrip() + " " + target.strip()
+
+
+@torch.no_grad()
+def continuations(
+    model: nn.Module, tokenizer: Any, pairs: list[Pair], tokens: int, batch_size: int = 16
+) -> dict[Pair, str]:
+    """The unedited model's greedy continuation (``tokens`` tokens, as text) of each edit's text ``x y``;
+    an edit whose continuation is only whitespace gets none (the pair would have no token to score)."""
+    out: dict[Pair, str] = {}
+    device = model_device(model)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        seqs = [tokenizer(continuation_prompt(*p))["input_ids"] for p in chunk]
+        new: list[list[int]] = [[] for _ in chunk]
+        for _ in range(tokens):
+            ids, mask = pad_right([q + n for q, n in zip(seqs, new, strict=True)], 0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            last = mask.sum(1) - 1
+            for i, tok in enumerate(logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).tolist()):
+                new[i].append(tok)
+        for pair, n in zip(chunk, new, strict=True):
+            text = tokenizer.decode(n, skip_special_tokens=True).strip()
+            if text:
+                out[pair] = text
+    return out
 
 
 class EditorTrainer(BaseTrainer):
@@ -197,7 +238,11 @@ class EditorTrainer(BaseTrainer):
         self.cache = PairCache(model, tokenizer, arch, self.start, top_k=int(getattr(hparams, "train_top_k", 64)))
         self.factor_cache: dict[Pair, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         records = self.train_data + self.val_data
-        chunks = [training_pairs(records[i : i + 8]) for i in range(0, len(records), 8)]
+        self.continuation: dict[Pair, str] = {}
+        if float(getattr(hparams, "continuation_loss_weight", 0.0)) > 0:
+            edits = list(dict.fromkeys((r.prompt, r.target_new) for r in records))
+            self.continuation = continuations(model, tokenizer, edits, int(hparams.continuation_tokens))
+        chunks = [training_pairs(records[i : i + 8], self.continuation) for i in range(0, len(records), 8)]
         self.cache.groups.add([e + g + lo for e, g, _, lo, _ in chunks])
         self.edit_groups = FixedGroups()
         self.edit_groups.add([e for e, _, _, _, _ in chunks])
@@ -252,6 +297,13 @@ class EditorTrainer(BaseTrainer):
     def config(self) -> dict[str, Any]:
         return {**self.net.config(), "base_model": self.base_model}
 
+    def objective(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """MEND eq. 4, plus ``continuation_loss_weight * L_cont`` when the continuation term is on."""
+        total = super().objective(parts)
+        if "continuation" in parts:
+            total = total + self.hparams.continuation_loss_weight * parts["continuation"]
+        return total
+
     def validate(self) -> dict[str, float]:
         self._updating = False  # normalization statistics come from training edits only
         try:
@@ -299,7 +351,7 @@ class EditorTrainer(BaseTrainer):
         return torch.unique(torch.cat([targets.cpu(), self.cache.base_top(pairs), drawn]))
 
     def losses(self, batch: list[EditRequest]) -> dict[str, torch.Tensor]:
-        edits, gen, gen_owner, loc, loc_owner = training_pairs(batch)
+        edits, gen, gen_owner, loc, loc_owner = training_pairs(batch, self.continuation)
         group = [i // self.group_size for i in range(len(batch))]
         factors = self.edit_factors(edits, group)
         rows = edits + gen + loc
@@ -329,9 +381,14 @@ class EditorTrainer(BaseTrainer):
             with torch.no_grad():
                 base = vocab_logits(self.model, self.cache.base_final(loc), vocab).float()
             edited = logits[n_edit_pos:]
-            parts["locality"] = locality_kl(base, edited)
-            with torch.no_grad():
-                parts["loc_acc"] = (edited.argmax(-1) == base.argmax(-1)).float().mean()
+            n_cont = sum(1 for pair in edits if self.continuation.get(pair))  # the last of ``loc``
+            n_loc_pos = sum(len(t) for t in enc2.target_ids[n_pairs : n_pairs + len(loc) - n_cont])
+            if n_loc_pos:
+                parts["locality"] = locality_kl(base[:n_loc_pos], edited[:n_loc_pos])
+                with torch.no_grad():
+                    parts["loc_acc"] = (edited[:n_loc_pos].argmax(-1) == base[:n_loc_pos].argmax(-1)).float().mean()
+            if n_cont:
+                parts["continuation"] = locality_kl(base[n_loc_pos:], edited[n_loc_pos:])
         return parts
 
 
