@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from kedit_core.architecture import ArchitectureSpec
-from kedit_core.ops.logits import final_hidden, head_logits, model_device
+from kedit_core.ops.logits import final_hidden, head_logits, logits_at, model_device
 from kedit_core.ops.tokens import EncodedPairs, encode_pairs, pad_right
 from kedit_core.request import EditRequest
 from kedit_core.trainer import BaseTrainer, TrainResult, locality_kl, save_tensors
@@ -198,9 +198,9 @@ def continuations(
         new: list[list[int]] = [[] for _ in chunk]
         for _ in range(tokens):
             ids, mask = pad_right([q + n for q, n in zip(seqs, new, strict=True)], 0)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            last = mask.sum(1) - 1
-            for i, tok in enumerate(logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).tolist()):
+            rows, last = torch.arange(len(chunk)), mask.sum(1) - 1
+            logits = logits_at(model, ids.to(device), mask.to(device), rows, last)  # each row's last position only
+            for i, tok in enumerate(logits.argmax(-1).tolist()):
                 new[i].append(tok)
         for pair, n in zip(chunk, new, strict=True):
             text = tokenizer.decode(n, skip_special_tokens=True).strip()
